@@ -1,0 +1,195 @@
+"""Collection, averaging and normalisation of the Kronecker factors (ALGORITHMS.md §1.2, §1.4).
+
+A forward hook computes a layer's input statistic and registers a hook on the layer's output;
+only when the output's gradient arrives are both statistics added to the step's accumulators.
+A forward pass that is never back-propagated (evaluation with grad enabled, or the forward that
+activation checkpointing re-runs inside backward) therefore adds nothing, and a checkpointed
+layer is counted exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from fisher_scale.optim.layers import LayerRule, ParamSlot, Stat, find_rules, full_shape
+
+EMA_MODES = ("convex", "official")
+
+
+def min_max(x: Tensor) -> Tensor:
+    """``(x - min) / (max - min + 1e-6)`` after replacing +inf by 1 and -inf by 0 (§1.2)."""
+    x = torch.nan_to_num(x, nan=float("nan"), posinf=1.0, neginf=0.0)
+    low, high = x.min(), x.max()
+    return (x - low) / (high - low + 1e-6)
+
+
+#: a factor as F̃ uses it: (values, eigenvectors); the eigenvectors are None for a diagonal factor
+Factor = tuple[Tensor, Tensor | None]
+
+
+def diagonal_factor(x: Tensor) -> Factor:
+    return min_max(x), None
+
+
+def full_factor(x: Tensor) -> Factor:
+    """A full factor divided by its mean diagonal (both sides O(1), §2), in its eigenbasis."""
+    mean_diag = x.diagonal().mean()
+    x = x / mean_diag if mean_diag > 0 else x
+    values, vectors = torch.linalg.eigh(x.double())
+    return values.clamp_min(0).to(x.dtype), vectors.to(x.dtype)
+
+
+@dataclass(eq=False)
+class LayerCurvature:
+    """Factor state of one supported layer: this step's accumulators and the EMA buffers."""
+
+    name: str
+    layer: nn.Module
+    rule: LayerRule
+    slots: list[ParamSlot]
+    full_in: bool = False
+    full_out: bool = False
+    acc_in: Tensor | None = None
+    acc_out: Tensor | None = None
+    weight: float = 0.0
+    H: Tensor | None = None  # EMA of the input factor (a vector, or a matrix when full_in)
+    S: Tensor | None = None  # EMA of the output factor
+    #: (H, S) as F̃ uses them, each as (values, eigenvectors or None for a diagonal factor)
+    used: tuple[Factor, Factor] | None = field(default=None, repr=False)
+
+    def add(self, h: Stat, s: Stat) -> None:
+        self.acc_in = h[0] if self.acc_in is None else self.acc_in + h[0]
+        self.acc_out = s[0] if self.acc_out is None else self.acc_out + s[0]
+        self.weight += h[1]
+
+    def fresh(self) -> tuple[Tensor, Tensor] | None:
+        """This step's statistics (row-weighted mean over micro-batches), and reset the accumulators."""
+        if self.acc_in is None or self.acc_out is None:
+            return None
+        fresh = self.acc_in / self.weight, self.acc_out / self.weight
+        self.acc_in = self.acc_out = None
+        self.weight = 0.0
+        return fresh
+
+
+class CurvatureTracker:
+    """Hooks every supported layer that owns a trainable parameter and keeps its factors.
+
+    ``ema_mode="convex"``: ``F ← γF + (1-γ)F_new`` from the first statistic on, min-max
+    normalised (or, for a full factor, divided by its mean diagonal) when used.
+    ``ema_mode="official"``: the reference code's ``F ← (γ/10)F + (γ/100)·minmax(F_new)`` from
+    ones, used as is.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        ema_decay: float,
+        ema_mode: str,
+        interval: int,
+        max_full_dim: int = 0,
+    ) -> None:
+        self.ema_decay = ema_decay
+        self.ema_mode = ema_mode
+        self.interval = interval
+        self.steps = 0
+        self.layers: dict[str, LayerCurvature] = {}
+        self._by_module: dict[nn.Module, LayerCurvature] = {}
+        candidates = {
+            name: (layer, rule, rule.slots(layer, f"{name}." if name else ""))
+            for name, (layer, rule) in find_rules(model).items()
+        }
+        owners = Counter(id(s.param) for _, _, slots in candidates.values() for s in slots)
+        for name, (layer, rule, slots) in candidates.items():
+            # a parameter tied across layers (embedding = lm_head) mixes two Kronecker structures:
+            # no single layer's factors describe it, so it is left to the fallback
+            slots = [s for s in slots if owners[id(s.param)] == 1]
+            if not slots:
+                continue
+            state = LayerCurvature(name, layer, rule, slots)
+            if rule.allows_full and max_full_dim > 0:
+                out_dim, in_dim = matrix_dims(layer)
+                state.full_in, state.full_out = in_dim <= max_full_dim, out_dim <= max_full_dim
+            self.layers[name] = state
+            self._by_module[layer] = state
+            layer.register_forward_hook(self._on_forward)
+
+    @property
+    def collecting(self) -> bool:
+        """Whether the current optimizer step is a curvature step (k % T == 0, k counted from 0)."""
+        return self.steps % self.interval == 0
+
+    def _on_forward(self, layer: nn.Module, args: tuple, output: object) -> None:
+        if not (self.collecting and torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
+            return
+        state = self._by_module[layer]
+        h_stat = state.rule.input_stat(layer, args[0].detach(), state.full_in)
+
+        def on_output_grad(grad: Tensor) -> None:
+            state.add(h_stat, state.rule.output_stat(layer, grad.detach(), state.full_out))
+
+        output.register_hook(on_output_grad)
+
+    def fold(self) -> None:
+        """Fold this step's fresh statistics into the EMA (on curvature steps) and refresh F̃'s factors."""
+        if not self.collecting:
+            return
+        gamma = self.ema_decay
+        for state in self.layers.values():
+            fresh = state.fresh()
+            if fresh is None:
+                continue
+            h_new, s_new = fresh
+            if self.ema_mode == "official":
+                state.H = _official_ema(state.H, h_new, gamma)
+                state.S = _official_ema(state.S, s_new, gamma)
+            else:
+                state.H = h_new.clone() if state.H is None else gamma * state.H + (1 - gamma) * h_new
+                state.S = s_new.clone() if state.S is None else gamma * state.S + (1 - gamma) * s_new
+            self._refresh(state)
+
+    def _refresh(self, state: LayerCurvature) -> None:
+        if state.H is None or state.S is None:
+            state.used = None
+        elif self.ema_mode == "official":
+            state.used = (state.H, None), (state.S, None)
+        else:
+            state.used = (
+                full_factor(state.H) if state.full_in else diagonal_factor(state.H),
+                full_factor(state.S) if state.full_out else diagonal_factor(state.S),
+            )
+
+    def state_dict(self) -> dict:
+        """Factor buffers keyed by module name, so a resumed run continues exactly."""
+        return {
+            "steps": self.steps,
+            "layers": {n: {"H": s.H, "S": s.S} for n, s in self.layers.items() if s.H is not None},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        unknown = set(state["layers"]) - set(self.layers)
+        if unknown:
+            raise ValueError(f"Fisher state names layers this model does not have: {sorted(unknown)[:5]}")
+        self.steps = int(state["steps"])
+        for name, layer_state in self.layers.items():
+            saved = state["layers"].get(name)
+            layer_state.H = None if saved is None else saved["H"].clone()
+            layer_state.S = None if saved is None else saved["S"].clone()
+            self._refresh(layer_state)
+
+
+def _official_ema(buffer: Tensor | None, fresh: Tensor, gamma: float) -> Tensor:
+    start = torch.ones_like(fresh) if buffer is None else buffer
+    return (gamma / 10) * start + (gamma / 100) * min_max(fresh)
+
+
+def matrix_dims(layer: nn.Module) -> tuple[int, int]:
+    """(out, in) of a matrix layer's [W | b] view, the bias being one more input column."""
+    shape = full_shape(layer.weight)
+    return shape[0], math.prod(shape[1:]) + (layer.bias is not None)

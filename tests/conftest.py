@@ -1,0 +1,62 @@
+"""Tiny offline models shared by the tests (random init, no hub access)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+
+def tiny_qwen2(seed: int = 0, tie: bool = False) -> nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
+    )
+    return Qwen2ForCausalLM(config).float()
+
+
+def tiny_lora_qwen2(seed: int = 0, rank: int = 4) -> nn.Module:
+    """A peft-LoRA Qwen2 whose B matrices are non-zero, so both A and B get gradients at step 0."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        tiny_qwen2(seed),
+        LoraConfig(r=rank, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"]),
+    )
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return model
+
+
+def tiny_classifier(seed: int = 0) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(config).float()
+
+
+def lm_batch(seed: int, batch: int = 4, length: int = 12, vocab: int = 64) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, length), generator=generator)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+@pytest.fixture
+def lora_model() -> nn.Module:
+    return tiny_lora_qwen2()
