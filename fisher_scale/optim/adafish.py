@@ -57,8 +57,18 @@ class AdaFish(FisherOptimizer):
     ) -> None:
         _check(ema_mode == "convex", "ema_mode", "'convex' for AdaFish (it has no reference code)", ema_mode)
         _check(isinstance(max_full_dim, int) and max_full_dim >= 0, "max_full_dim", "an integer >= 0", max_full_dim)
-        super().__init__(model, lr, beta, damping, ema_decay, ema_mode, curvature_interval, weight_decay, fallback,
-                         max_full_dim=max_full_dim)
+        super().__init__(
+            model,
+            lr,
+            beta,
+            damping,
+            ema_decay,
+            ema_mode,
+            curvature_interval,
+            weight_decay,
+            fallback,
+            max_full_dim=max_full_dim,
+        )
 
     def _directions(self, params: list[Tensor], group: dict) -> dict[Tensor, Tensor]:
         whole: dict[LayerCurvature, list[Tensor]] = {}
@@ -80,13 +90,15 @@ class AdaFish(FisherOptimizer):
         members = [p for p in (layer.layer.weight, layer.layer.bias) if p is not None]
         out_dim = members[0].shape[0]
         blocks = [
-            self._momentum(p, group).reshape(out_dim, -1) if id(p) in live else p.new_zeros(out_dim, p.numel() // out_dim)
+            self._momentum(p, group).reshape(out_dim, -1)
+            if id(p) in live
+            else p.new_zeros(out_dim, p.numel() // out_dim)
             for p in members
         ]
         h, s = layer.used
         solved = kronecker_direction(torch.cat(blocks, 1), s, h, self.damping)
         directions, start = {}, 0
-        for p, block in zip(members, blocks):
+        for p, block in zip(members, blocks, strict=True):
             if id(p) in live:
                 directions[p] = solved[:, start : start + block.shape[1]].reshape(p.shape)
             start += block.shape[1]

@@ -82,8 +82,12 @@ class FisherOptimizer(torch.optim.Optimizer):
         _check(damping > 0, "damping", "> 0 (the normalised factors contain zeros)", damping)
         _check(0 <= ema_decay < 1, "ema_decay", "in [0, 1)", ema_decay)
         _check(ema_mode in EMA_MODES, "ema_mode", f"one of {EMA_MODES}", ema_mode)
-        _check(isinstance(curvature_interval, int) and curvature_interval >= 1, "curvature_interval",
-               "an integer >= 1", curvature_interval)
+        _check(
+            isinstance(curvature_interval, int) and curvature_interval >= 1,
+            "curvature_interval",
+            "an integer >= 1",
+            curvature_interval,
+        )
         _check(weight_decay >= 0, "weight_decay", ">= 0", weight_decay)
         _check(fallback in FALLBACKS, "fallback", f"one of {FALLBACKS}", fallback)
         params = trainable_parameters(model)
