@@ -149,7 +149,7 @@ def test_preconditioner_equals_explicit_kronecker_product() -> None:
     layer = optimizer.curvature.layers["0"]
     weight_slot = next(s for s in layer.slots if s.role == "weight")
     for start, end in [(0, 20), (3, 11), (7, 8), (14, 20)]:
-        fragment = fragment_preconditioner(weight_slot, layer.used, 0.05, start, end)
+        fragment = fragment_preconditioner(weight_slot, layer.factors, 0.05, start, end)
         brute.assert_close(fragment, f_tilde[:, :-1].reshape(-1)[start:end])
 
 
@@ -158,7 +158,7 @@ def test_curvature_contrast_matches_materialised_f_tilde() -> None:
     model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4))
     optimizer, _ = _one_step(AdaFisher, model, torch.randn(6, 5), damping=0.01)
     for name, layer in optimizer.curvature.layers.items():
-        (h, _), (s, _) = layer.used
+        (h, _), (s, _) = layer.factors
         entries = torch.cat([torch.outer(*slot.factor_pair(h, s)).reshape(-1) for slot in layer.slots]) + 0.01
         expected = float((entries.max() - entries.min()) / entries.min())
         assert optimizer.curvature_contrast()[name] == pytest.approx(expected, rel=1e-5)

@@ -6,13 +6,17 @@ Imports nothing but torch, so the optimizers work in any training loop.
 from fisher_scale.optim.adafish import AdaFish, kronecker_direction
 from fisher_scale.optim.adafisher import AdaFisher, AdaFisherW, FisherOptimizer
 from fisher_scale.optim.layers import LayerRule, register_layer_rule
+from fisher_scale.optim.registry import OPTIMIZERS, build_optimizer, optimizer_state_bytes
 
 __all__ = [
+    "OPTIMIZERS",
     "AdaFish",
     "AdaFisher",
     "AdaFisherW",
     "FisherOptimizer",
     "LayerRule",
+    "build_optimizer",
     "kronecker_direction",
+    "optimizer_state_bytes",
     "register_layer_rule",
 ]

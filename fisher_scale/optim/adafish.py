@@ -70,36 +70,38 @@ class AdaFish(FisherOptimizer):
             max_full_dim=max_full_dim,
         )
 
-    def _directions(self, params: list[Tensor], group: dict) -> dict[Tensor, Tensor]:
-        whole: dict[LayerCurvature, list[Tensor]] = {}
-        rest = []
-        for p in params:
+    def _directions(self, params: list[Tensor], moments: list[Tensor]) -> dict[Tensor, Tensor]:
+        whole: dict[LayerCurvature, None] = {}  # layers with a full side, in order
+        rest, rest_moments = [], []
+        for p, m in zip(params, moments, strict=True):
             layer, _ = self._layer_of.get(p, (None, None))
-            if layer is not None and layer.used is not None and (layer.full_in or layer.full_out):
-                whole.setdefault(layer, []).append(p)
+            if layer is not None and layer.factors is not None and (layer.full_in or layer.full_out):
+                whole[layer] = None
             else:
                 rest.append(p)
-        directions = super()._directions(rest, group)
-        for layer, layer_params in whole.items():
-            directions.update(self._layer_directions(layer, layer_params, group))
+                rest_moments.append(m)
+        directions = super()._directions(rest, rest_moments)
+        by_id = {id(p): m for p, m in zip(params, moments, strict=True)}
+        for layer in whole:
+            directions.update(self._layer_directions(layer, by_id))
         return directions
 
-    def _layer_directions(self, layer: LayerCurvature, params: list[Tensor], group: dict) -> dict[Tensor, Tensor]:
-        """Precondition [M_W | m_b] jointly: the bias is the input factor's last column (§2)."""
-        live = {id(p) for p in params}
+    def _layer_directions(self, layer: LayerCurvature, moments: dict[int, Tensor]) -> dict[Tensor, Tensor]:
+        """Precondition [M_W | m_b] jointly: the bias is the input factor's last column (§2).
+
+        A member without a gradient this step (or frozen) contributes a zero block and gets no update.
+        """
         members = [p for p in (layer.layer.weight, layer.layer.bias) if p is not None]
         out_dim = members[0].shape[0]
         blocks = [
-            self._momentum(p, group).reshape(out_dim, -1)
-            if id(p) in live
-            else p.new_zeros(out_dim, p.numel() // out_dim)
+            moments[id(p)].reshape(out_dim, -1) if id(p) in moments else p.new_zeros(out_dim, p.numel() // out_dim)
             for p in members
         ]
-        h, s = layer.used
+        h, s = layer.factors
         solved = kronecker_direction(torch.cat(blocks, 1), s, h, self.damping)
         directions, start = {}, 0
         for p, block in zip(members, blocks, strict=True):
-            if id(p) in live:
+            if id(p) in moments:
                 directions[p] = solved[:, start : start + block.shape[1]].reshape(p.shape)
             start += block.shape[1]
         return directions

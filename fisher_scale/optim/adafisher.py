@@ -38,14 +38,14 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def fragment_preconditioner(slot: ParamSlot, used: tuple, damping: float, start: int, end: int) -> Tensor:
+def fragment_preconditioner(slot: ParamSlot, factors: tuple, damping: float, start: int, end: int) -> Tensor:
     """F̃ for elements [start, end) of the flattened parameter, built from the factor vectors only.
 
     Element ``idx`` of a parameter viewed as (rows, cols) pairs ``row[idx // cols]`` with
     ``col[idx % cols]``; only the rows the fragment touches are expanded, so a ZeRO partition of a
     large matrix never materialises F̃ for the whole matrix.
     """
-    (h, _), (s, _) = used
+    (h, _), (s, _) = factors
     rows, cols = slot.factor_pair(h, s)
     width = cols.numel()
     first, last = start // width, (end - 1) // width + 1
@@ -117,33 +117,43 @@ class FisherOptimizer(torch.optim.Optimizer):
                     fisher.append(p)
                 else:
                     self._adamw_step(p, group)
-            for p, direction in self._directions(fisher, group).items():
+            moments = self._momenta(fisher, group)
+            for p, direction in self._directions(fisher, moments).items():
                 self._apply(p, direction, group)
         self.curvature.steps += 1
         return loss
 
-    def _momentum(self, p: Tensor, group: dict) -> Tensor:
-        """Advance and return the momentum ``m ← βm + (1-β)g`` (AdaFisher adds ``wd·θ`` to g first)."""
-        state = self.state[p]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] += 1
-        grad = p.grad
-        if not self.decoupled and group["weight_decay"] != 0:
-            grad = grad.add(p, alpha=group["weight_decay"])
-        return state["exp_avg"].mul_(group["beta"]).add_(grad, alpha=1 - group["beta"])
+    def _momenta(self, params: list[Tensor], group: dict) -> list[Tensor]:
+        """Advance the momenta ``m ← βm + (1-β)g`` of ``params`` in one batched update.
 
-    def _directions(self, params: list[Tensor], group: dict) -> dict[Tensor, Tensor]:
+        AdaFisher (coupled weight decay) adds ``wd·θ`` to g first.
+        """
+        if not params:
+            return []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+        grads = [p.grad for p in params]
+        if not self.decoupled and group["weight_decay"] != 0:
+            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        moments = [self.state[p]["exp_avg"] for p in params]
+        torch._foreach_mul_(moments, group["beta"])
+        torch._foreach_add_(moments, grads, alpha=1 - group["beta"])
+        return moments
+
+    def _directions(self, params: list[Tensor], moments: list[Tensor]) -> dict[Tensor, Tensor]:
         """Preconditioned momentum ``m / F̃`` per parameter (F̃ = 1 before a layer's first statistic)."""
         directions = {}
-        for p in params:
-            m = self._momentum(p, group)
+        for p, m in zip(params, moments, strict=True):
             layer, slot = self._layer_of.get(p, (None, None))
-            if layer is None or layer.used is None:
+            factors = None if layer is None else layer.factors
+            if factors is None:
                 directions[p] = m
             else:
-                directions[p] = m / fragment_preconditioner(slot, layer.used, self.damping, 0, p.numel()).view_as(p)
+                directions[p] = m / fragment_preconditioner(slot, factors, self.damping, 0, p.numel()).view_as(p)
         return directions
 
     def _apply(self, p: Tensor, direction: Tensor, group: dict) -> None:
@@ -177,9 +187,10 @@ class FisherOptimizer(torch.optim.Optimizer):
         """
         contrast = {}
         for name, layer in self.curvature.layers.items():
-            if layer.used is None:
+            factors = layer.factors
+            if factors is None:
                 continue
-            (h, _), (s, _) = layer.used
+            (h, _), (s, _) = factors
             pairs = [slot.factor_pair(h, s) for slot in layer.slots]
             low = min(float(r.min() * c.min()) for r, c in pairs) + self.damping
             high = max(float(r.max() * c.max()) for r, c in pairs) + self.damping

@@ -59,8 +59,8 @@ class LayerCurvature:
     weight: float = 0.0
     H: Tensor | None = None  # EMA of the input factor (a vector, or a matrix when full_in)
     S: Tensor | None = None  # EMA of the output factor
-    #: (H, S) as F̃ uses them, each as (values, eigenvectors or None for a diagonal factor)
-    used: tuple[Factor, Factor] | None = field(default=None, repr=False)
+    #: (H, S) as F̃ uses them, refreshed when the EMA changes; None before the first statistic
+    factors: tuple[Factor, Factor] | None = field(default=None, repr=False)
 
     def add(self, h: Stat, s: Stat) -> None:
         self.acc_in = h[0] if self.acc_in is None else self.acc_in + h[0]
@@ -156,11 +156,11 @@ class CurvatureTracker:
 
     def _refresh(self, state: LayerCurvature) -> None:
         if state.H is None or state.S is None:
-            state.used = None
+            state.factors = None
         elif self.ema_mode == "official":
-            state.used = (state.H, None), (state.S, None)
+            state.factors = (state.H, None), (state.S, None)
         else:
-            state.used = (
+            state.factors = (
                 full_factor(state.H) if state.full_in else diagonal_factor(state.H),
                 full_factor(state.S) if state.full_out else diagonal_factor(state.S),
             )

@@ -1,0 +1,82 @@
+"""``fisher-scale``: argument parsing and output only; the work happens in the library modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from fisher_scale.optim import OPTIMIZERS
+
+
+def _optimizer_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in OPTIMIZERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown optimizer(s) {unknown}; choose from {sorted(OPTIMIZERS)}")
+    return names
+
+
+def _demo(args: argparse.Namespace, console: Console) -> int:
+    from fisher_scale.demo import DEMO_LR, DemoRun, gsm8k_byte_chunks, interleaved
+    from fisher_scale.models import Lora, TinyLM
+
+    batches = gsm8k_byte_chunks(args.data, args.seq_len, args.batch_size, args.steps)
+    runs = [DemoRun(name, DEMO_LR[name], TinyLM(), Lora(rank=args.rank)) for name in args.optimizers]
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"training {len(runs)} optimizers", total=len(batches))
+        for _ in interleaved(runs, batches):
+            progress.advance(task)
+    rows = [run.finish().summary() for run in runs]
+    table = Table(title=f"LoRA r={args.rank} on GSM8K bytes, {args.steps} steps of {args.batch_size}×{args.seq_len}")
+    for column in ("optimizer", "lr", "first loss", "final loss", "step ms", "state KiB", "curvature contrast"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        contrast = row["median_curvature_contrast"]
+        table.add_row(
+            str(row["optimizer"]), f"{row['lr']:g}", f"{row['first_loss']:.3f}", f"{row['final_loss']:.3f}",
+            f"{1000 * row['median_step_s']:.1f}", f"{row['state_bytes'] / 1024:.1f}",
+            "-" if contrast is None else f"{contrast:.3g}",
+        )
+    console.print(table)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fisher_scale.demo import default_data_dir
+
+    parser = argparse.ArgumentParser(prog="fisher-scale", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="train a tiny LoRA LM on GSM8K text with each optimizer, print a table")
+    demo.add_argument("--optimizers", type=_optimizer_list, default=list(OPTIMIZERS),
+                      help="comma-separated subset of " + ",".join(OPTIMIZERS))
+    demo.add_argument("--steps", type=int, default=40)
+    demo.add_argument("--batch-size", type=int, default=4)
+    demo.add_argument("--seq-len", type=int, default=128)
+    demo.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    demo.add_argument("--data", type=Path, default=default_data_dir() / "gsm8k" / "train.jsonl")
+    demo.add_argument("--json", type=Path, help="also write the table's rows as JSON here")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        return args.run(args, console)
+    except (FileNotFoundError, ValueError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
