@@ -35,7 +35,7 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
     rows = [run.finish().summary() for run in runs]
     table = Table(title=f"LoRA r={args.rank} on GSM8K bytes, {args.steps} steps of {args.batch_size}×{args.seq_len}")
     for column in ("optimizer", "lr", "first loss", "final loss", "step ms", "state KiB", "curvature contrast"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", no_wrap=column == "optimizer")
     for row in rows:
         contrast = row["median_curvature_contrast"]
         table.add_row(
