@@ -49,7 +49,9 @@ def main() -> None:
         parser.error("--optimizers must start with adamw (the baseline of the ratios)")
 
     batches = gsm8k_byte_chunks(args.data, args.seq_len, args.batch_size, args.warmup + args.steps)
-    lora = Lora(rank=args.rank, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    lora = Lora(
+        rank=args.rank, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    )
     runs = [DemoRun(name, DEMO_LR[name], MODELS[args.model], lora) for name in names]
     for _ in interleaved(runs, batches):
         pass
@@ -60,32 +62,46 @@ def main() -> None:
     for record in records:
         median = statistics.median(record.step_seconds[args.warmup :])
         time_goal, bytes_goal = GOALS.get(record.optimizer, (None, None))
-        rows.append({
-            "optimizer": record.optimizer,
-            "median_step_ms": 1000 * median,
-            "step_ratio": median / baseline_time,
-            "step_goal": time_goal,
-            "state_bytes": record.state_bytes,
-            "state_ratio": record.state_bytes / baseline_bytes,
-            "state_goal": bytes_goal,
-            "final_loss": record.losses[-1],
-        })
+        rows.append(
+            {
+                "optimizer": record.optimizer,
+                "median_step_ms": 1000 * median,
+                "step_ratio": median / baseline_time,
+                "step_goal": time_goal,
+                "state_bytes": record.state_bytes,
+                "state_ratio": record.state_bytes / baseline_bytes,
+                "state_goal": bytes_goal,
+                "final_loss": record.losses[-1],
+            }
+        )
 
-    table = Table(title=f"{args.model} LM, LoRA r={args.rank}, batch {args.batch_size}×{args.seq_len}, "
-                        f"median of {args.steps} steps")
+    table = Table(
+        title=f"{args.model} LM, LoRA r={args.rank}, batch {args.batch_size}×{args.seq_len}, "
+        f"median of {args.steps} steps"
+    )
     for column in ("optimizer", "step ms", "× AdamW", "goal", "state KiB", "× AdamW", "goal", "final loss"):
         table.add_column(column, justify="right", no_wrap=column == "optimizer")
     for row in rows:
         table.add_row(
-            row["optimizer"], f"{row['median_step_ms']:.1f}", f"{row['step_ratio']:.3f}",
+            row["optimizer"],
+            f"{row['median_step_ms']:.1f}",
+            f"{row['step_ratio']:.3f}",
             "" if row["step_goal"] is None else f"≤ {row['step_goal']}",
-            f"{row['state_bytes'] / 1024:.1f}", f"{row['state_ratio']:.3f}",
-            "" if row["state_goal"] is None else f"≤ {row['state_goal']}", f"{row['final_loss']:.3f}",
+            f"{row['state_bytes'] / 1024:.1f}",
+            f"{row['state_ratio']:.3f}",
+            "" if row["state_goal"] is None else f"≤ {row['state_goal']}",
+            f"{row['final_loss']:.3f}",
         )
     Console().print(table)
     if args.json:
-        meta = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                "torch": torch.__version__, **vars(args), "data": str(args.data), "json": str(args.json)}
+        meta = {
+            "machine": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            **vars(args),
+            "data": str(args.data),
+            "json": str(args.json),
+        }
         args.json.write_text(json.dumps({"settings": meta, "rows": rows}, indent=2))
 
 

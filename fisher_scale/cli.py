@@ -39,8 +39,12 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
     for row in rows:
         contrast = row["median_curvature_contrast"]
         table.add_row(
-            str(row["optimizer"]), f"{row['lr']:g}", f"{row['first_loss']:.3f}", f"{row['final_loss']:.3f}",
-            f"{1000 * row['median_step_s']:.1f}", f"{row['state_bytes'] / 1024:.1f}",
+            str(row["optimizer"]),
+            f"{row['lr']:g}",
+            f"{row['first_loss']:.3f}",
+            f"{row['final_loss']:.3f}",
+            f"{1000 * row['median_step_s']:.1f}",
+            f"{row['state_bytes'] / 1024:.1f}",
             "-" if contrast is None else f"{contrast:.3g}",
         )
     console.print(table)
@@ -56,8 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fisher-scale", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="train a tiny LoRA LM on GSM8K text with each optimizer, print a table")
-    demo.add_argument("--optimizers", type=_optimizer_list, default=list(OPTIMIZERS),
-                      help="comma-separated subset of " + ",".join(OPTIMIZERS))
+    demo.add_argument(
+        "--optimizers",
+        type=_optimizer_list,
+        default=list(OPTIMIZERS),
+        help="comma-separated subset of " + ",".join(OPTIMIZERS),
+    )
     demo.add_argument("--steps", type=int, default=40)
     demo.add_argument("--batch-size", type=int, default=4)
     demo.add_argument("--seq-len", type=int, default=128)
