@@ -4,7 +4,8 @@ A forward hook computes a layer's input statistic and registers a hook on the la
 only when the output's gradient arrives are both statistics added to the step's accumulators.
 A forward pass that is never back-propagated (evaluation with grad enabled, or the forward that
 activation checkpointing re-runs inside backward) therefore adds nothing, and a checkpointed
-layer is counted exactly once.
+layer is counted exactly once. Forwards inside ``torch.func`` transforms (FISH's per-example
+gradients) are not training steps and are skipped.
 """
 
 from __future__ import annotations
@@ -128,6 +129,8 @@ class CurvatureTracker:
     def _on_forward(self, layer: nn.Module, args: tuple, output: object) -> None:
         if not (self.collecting and torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
             return
+        if torch._C._functorch.is_functorch_wrapped_tensor(output):
+            return  # inside a torch.func transform (e.g. per-example FISH scoring): not a training step
         state = self._by_module[layer]
         h_stat = state.rule.input_stat(layer, args[0].detach(), state.full_in)
 

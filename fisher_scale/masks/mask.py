@@ -1,0 +1,214 @@
+"""Selecting, applying, reporting, saving and loading FISH masks (ALGORITHMS.md §3).
+
+A mask is a dict of parameter name → bool tensor of the parameter's shape; True entries train,
+False entries stay exactly at their value whatever the optimizer does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+Mask = dict[str, Tensor]
+
+
+def _check_ratio(ratio: float) -> None:
+    if not 0 < ratio <= 1:
+        raise ValueError(f"mask.ratio must be in (0, 1], got {ratio!r}")
+
+
+def select_mask(scores: Mapping[str, Tensor], ratio: float, *, always_keep: Mapping[str, Tensor] | None = None) -> Mask:
+    """One global top-k over all candidates, ``k = round(ratio · N)`` with N counting every candidate
+    and every always-kept parameter (a task head, kept whole, counts against the budget).
+
+    Ties at the threshold go to the lowest flat index in name order, so exactly k entries are kept
+    and every rank with the same scores selects the same mask.
+    """
+    _check_ratio(ratio)
+    always_keep = always_keep or {}
+    names = list(scores)
+    flat = torch.cat([scores[n].detach().reshape(-1).float() for n in names])
+    kept_whole = sum(p.numel() for p in always_keep.values())
+    k = round(ratio * (flat.numel() + kept_whole)) - kept_whole
+    if k < 1:
+        raise ValueError(
+            f"mask.ratio={ratio} keeps {k + kept_whole} entries, no more than the {kept_whole} of the always-trained "
+            "task head: raise the ratio"
+        )
+    k = min(k, flat.numel())
+    threshold = torch.topk(flat, k, sorted=False).values.min()
+    keep = flat > threshold
+    ties = torch.nonzero(flat == threshold).squeeze(1)
+    keep[ties[: k - int(keep.sum())]] = True
+    mask, start = {}, 0
+    for name in names:
+        count = scores[name].numel()
+        mask[name] = keep[start : start + count].view(scores[name].shape).clone()
+        start += count
+    mask.update({n: torch.ones_like(p, dtype=torch.bool) for n, p in always_keep.items()})
+    return mask
+
+
+def equal_budget_ratio(model: nn.Module, rank: int) -> float:
+    """The ratio at which this PEFT-LoRA model (rank r') trains as many entries as vanilla LoRA at
+    ``rank`` r: ``P(r) / P(r')``, counted per adapted layer from its actual A and B matrices."""
+    target, actual = 0.0, 0
+    for name, p in model.named_parameters():
+        if ".lora_A." in name or ".lora_embedding_A." in name:
+            layer_rank = p.shape[0] if ".lora_A." in name else p.shape[1 if p.ndim > 1 else 0]
+            b_name = name.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
+            pair = p.numel() + dict(model.named_parameters())[b_name].numel()
+            actual += pair
+            target += pair * rank / layer_rank
+    if actual == 0:
+        raise ValueError("equal_budget_ratio needs a PEFT LoRA model (no lora_A parameter found)")
+    ratio = target / actual
+    _check_ratio(ratio)
+    return ratio
+
+
+_BLOCK = re.compile(r"^(.*?\.layers\.\d+)\.")
+
+
+def mask_report(mask: Mapping[str, Tensor]) -> dict[str, float]:
+    """Kept fractions: overall, per LoRA A / B kind, per transformer block and per matrix.
+
+    Keys: ``kept/all``, ``kept/lora_A``, ``kept/lora_B``, ``kept/block/<...layers.N>``,
+    ``kept/param/<name>``; this is what shows the LoRA B = 0 trap (``kept/lora_A`` = 0).
+    """
+    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+
+    def add(key: str, m: Tensor) -> None:
+        groups[key][0] += int(m.sum())
+        groups[key][1] += m.numel()
+
+    for name, m in mask.items():
+        add("kept/all", m)
+        add(f"kept/param/{name}", m)
+        for kind in ("lora_A", "lora_B"):
+            if f".{kind}." in name:
+                add(f"kept/{kind}", m)
+        block = _BLOCK.match(name)
+        if block:
+            add(f"kept/block/{block.group(1)}", m)
+    return {key: kept / total for key, (kept, total) in groups.items()}
+
+
+class MaskedUpdates:
+    """Applies a mask to a model and its optimizer: masked entries get no gradient (a tensor hook
+    zeroes it before accumulation, so gradient clipping and data-parallel reduction see zeros), and
+    around every ``optimizer.step()`` their values and optimizer state are restored, so weight decay
+    and optimizers that mix entries (AdaFish) cannot move them. New state starts at zero there.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, mask: Mapping[str, Tensor]) -> None:
+        self.optimizer = optimizer
+        self._params = dict(model.named_parameters())
+        self._masks: dict[nn.Parameter, Tensor] = {}
+        self._grad_hooks: list = []
+        self._saved: dict[nn.Parameter, tuple[Tensor, dict[str, Tensor]]] = {}
+        self.update(mask)
+        self._hooks = [optimizer.register_step_pre_hook(self._before), optimizer.register_step_post_hook(self._after)]
+
+    def update(self, mask: Mapping[str, Tensor]) -> None:
+        """Switch to a new mask (a refresh); newly masked entries keep their current value, zero state."""
+        check_mask_matches(mask, self._params)
+        for hook in self._grad_hooks:
+            hook.remove()
+        self._masks = {self._params[n]: m.to(self._params[n].device) for n, m in mask.items()}
+        self._grad_hooks = [p.register_hook(lambda g, m=m: g * m) for p, m in self._masks.items()]
+        for p, m in self._masks.items():
+            for value in self.optimizer.state.get(p, {}).values():
+                if isinstance(value, Tensor) and value.shape == p.shape:
+                    value.masked_fill_(~m, 0)
+
+    def _before(self, *_: object) -> None:
+        self._saved = {
+            p: (
+                p.detach().clone(),
+                {k: v.clone() for k, v in self.optimizer.state.get(p, {}).items() if _param_shaped(v, p)},
+            )
+            for p in self._masks
+        }
+
+    @torch.no_grad()
+    def _after(self, *_: object) -> None:
+        for p, m in self._masks.items():
+            value, state_before = self._saved[p]
+            p.copy_(torch.where(m, p, value))
+            for key, current in self.optimizer.state.get(p, {}).items():
+                if _param_shaped(current, p):
+                    before = state_before.get(key)
+                    current.copy_(torch.where(m, current, before if before is not None else torch.zeros_like(current)))
+        self._saved = {}
+
+    def remove(self) -> None:
+        for hook in [*self._grad_hooks, *self._hooks]:
+            hook.remove()
+
+
+def _param_shaped(value: object, p: Tensor) -> bool:
+    return isinstance(value, Tensor) and value.shape == p.shape
+
+
+def apply_mask(model: nn.Module, optimizer: torch.optim.Optimizer, mask: Mapping[str, Tensor]) -> MaskedUpdates:
+    """Train only the True entries of ``mask`` with ``optimizer`` (any torch optimizer); see :class:`MaskedUpdates`."""
+    return MaskedUpdates(model, optimizer, mask)
+
+
+def check_mask_matches(mask: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> None:
+    """A clear error when a mask names parameters the model lacks or has other shapes."""
+    missing = [n for n in mask if n not in params]
+    wrong = [
+        f"{n}: mask {tuple(m.shape)} vs parameter {tuple(params[n].shape)}"
+        for n, m in mask.items()
+        if n in params and m.shape != params[n].shape
+    ]
+    if missing or wrong:
+        raise ValueError(
+            "mask does not match the model: "
+            + (f"unknown parameters {missing[:5]}{' ...' if len(missing) > 5 else ''}; " if missing else "")
+            + (f"shape mismatches {wrong[:5]}" if wrong else "")
+        )
+
+
+def save_mask(mask: Mapping[str, Tensor], path: str | Path, *, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write the mask as safetensors (bool tensors keyed by parameter name)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {n: m.to(torch.bool).contiguous().cpu() for n, m in mask.items()},
+        str(path),
+        metadata={"format": "fisher_scale.mask", **(metadata or {})},
+    )
+    return path
+
+
+def load_mask(path: str | Path, model: nn.Module | None = None) -> Mask:
+    """Read a mask written by :func:`save_mask`; with ``model``, check that it matches its parameters."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mask file not found: {path}")
+    try:
+        mask = load_file(str(path))
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a safetensors mask file: {error}") from None
+    not_bool = [n for n, m in mask.items() if m.dtype != torch.bool]
+    if not_bool:
+        raise ValueError(f"{path}: entries {not_bool[:5]} are not boolean masks")
+    if model is not None:
+        try:
+            check_mask_matches(mask, dict(model.named_parameters()))
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+    return mask

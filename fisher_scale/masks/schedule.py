@@ -1,0 +1,69 @@
+"""When a FISH mask is computed during training: after ``warmup_steps`` dense steps, then every
+``refresh_every`` steps (0 = never again).
+
+**DECISION** (ALGORITHMS.md §3): warmup 0 (the default) scores at initialisation, which with
+LoRA's B = 0 init selects no A entry at all; every (re)computation returns the kept fractions per
+A/B kind, block and matrix so that runs show it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fisher_scale.masks.mask import Mask, MaskedUpdates, mask_report, select_mask
+from fisher_scale.masks.scoring import DEFAULT_HEAD, candidate_parameters, fisher_scores
+
+
+class MaskSchedule:
+    """Computes, applies and refreshes the mask of one training run; call :meth:`before_step` with
+    the 0-based index of the optimizer step about to run."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        score_batches: Callable[[], Iterable[Mapping[str, Tensor]]],
+        *,
+        target: str = "peft",
+        ratio: float,
+        samples: int = 1024,
+        variant: str = "empirical",
+        warmup_steps: int = 0,
+        refresh_every: int = 0,
+        head: Sequence[str] = DEFAULT_HEAD,
+    ) -> None:
+        for name, value in (("mask.warmup_steps", warmup_steps), ("mask.refresh_every", refresh_every)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        self.model, self.optimizer, self.score_batches = model, optimizer, score_batches
+        self.target, self.ratio, self.samples, self.variant = target, ratio, samples, variant
+        self.warmup_steps, self.refresh_every, self.head = warmup_steps, refresh_every, tuple(head)
+        self.mask: Mask | None = None
+        self.updates: MaskedUpdates | None = None
+
+    def due(self, step: int) -> bool:
+        since = step - self.warmup_steps
+        return since == 0 or (self.refresh_every > 0 and since > 0 and since % self.refresh_every == 0)
+
+    def before_step(self, step: int) -> dict[str, float] | None:
+        """(Re)compute and apply the mask if ``step`` is due; returns its kept-fraction report then."""
+        if not self.due(step):
+            return None
+        scores = fisher_scores(
+            self.model,
+            self.score_batches(),
+            target=self.target,
+            variant=self.variant,
+            samples=self.samples,
+            head=self.head,
+        )
+        _, heads = candidate_parameters(self.model, self.target, self.head)
+        self.mask = select_mask(scores, self.ratio, always_keep=heads)
+        if self.updates is None:
+            self.updates = MaskedUpdates(self.model, self.optimizer, self.mask)
+        else:
+            self.updates.update(self.mask)
+        return mask_report(self.mask)
