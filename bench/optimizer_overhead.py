@@ -21,20 +21,14 @@ from rich.console import Console
 from rich.table import Table
 
 from fisher_scale.demo import DEMO_LR, DemoRun, default_data_dir, gsm8k_byte_chunks, interleaved
-from fisher_scale.models import Lora, TinyLM
+from fisher_scale.models import PRESETS, Lora
 
-MODELS = {
-    # SmolLM2-135M's layer shape (hidden 576, 9 heads, 3 KV heads, MLP 1536) at 4 of its 30 layers:
-    # per-layer compute vs per-layer optimizer work is what the ratio measures
-    "small": TinyLM(hidden_size=576, num_layers=4, num_heads=9, num_kv_heads=3, intermediate_size=1536),
-    "tiny": TinyLM(),
-}
 GOALS = {"adafisher": (1.10, 0.6), "adafisherw": (1.10, 0.6), "adafish": (1.20, None)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(MODELS), default="small")
+    parser.add_argument("--model", choices=sorted(PRESETS), default="small")
     parser.add_argument("--optimizers", default="adamw,adafisher,adafish")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per optimizer")
     parser.add_argument("--warmup", type=int, default=5)
@@ -52,7 +46,7 @@ def main() -> None:
     lora = Lora(
         rank=args.rank, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     )
-    runs = [DemoRun(name, DEMO_LR[name], MODELS[args.model], lora) for name in names]
+    runs = [DemoRun(name, DEMO_LR[name], PRESETS[args.model], lora) for name in names]
     for _ in interleaved(runs, batches):
         pass
     records = [run.finish() for run in runs]

@@ -38,6 +38,14 @@ class Lora:
     target_modules: tuple[str, ...] = field(default=("q_proj", "k_proj", "v_proj", "o_proj"))
 
 
+#: built-in model sizes, by name: ``small`` has SmolLM2-135M's layer shape (hidden 576, 9 heads, 3 KV heads,
+#: MLP 1536) at 4 of its 30 layers, enough for per-layer cost ratios on 2 CPUs
+PRESETS = {
+    "tiny": TinyLM(),
+    "small": TinyLM(hidden_size=576, num_layers=4, num_heads=9, num_kv_heads=3, intermediate_size=1536),
+}
+
+
 def tiny_causal_lm(spec: TinyLM = TinyLM(), seed: int = 0) -> nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
