@@ -362,3 +362,11 @@ def test_invalid_model_and_adafish_options() -> None:
         AdaFish(_mlp(), ema_mode="official")
     with pytest.raises(ValueError, match=r"^max_full_dim must be"):
         AdaFish(_mlp(), max_full_dim=-1)
+
+
+def test_remove_hooks_stops_collection() -> None:
+    model = _mlp()
+    optimizer = AdaFisher(model)
+    optimizer.curvature.remove_hooks()
+    model(torch.randn(3, 6)).sum().backward()
+    assert all(layer.acc_in is None for layer in optimizer.curvature.layers.values())

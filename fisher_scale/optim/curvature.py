@@ -102,6 +102,7 @@ class CurvatureTracker:
         self.steps = 0
         self.layers: dict[str, LayerCurvature] = {}
         self._by_module: dict[nn.Module, LayerCurvature] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         candidates = {
             name: (layer, rule, rule.slots(layer, f"{name}." if name else ""))
             for name, (layer, rule) in find_rules(model).items()
@@ -119,7 +120,13 @@ class CurvatureTracker:
                 state.full_in, state.full_out = in_dim <= max_full_dim, out_dim <= max_full_dim
             self.layers[name] = state
             self._by_module[layer] = state
-            layer.register_forward_hook(self._on_forward)
+            self._handles.append(layer.register_forward_hook(self._on_forward))
+
+    def remove_hooks(self) -> None:
+        """Detach from the model (e.g. before building another optimizer on it)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
     @property
     def collecting(self) -> bool:
