@@ -26,6 +26,7 @@ class TinyLM:
     intermediate_size: int = 128
     vocab_size: int = BYTE_VOCAB
     max_positions: int = 512
+    tie_embeddings: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def tiny_causal_lm(spec: TinyLM = TinyLM(), seed: int = 0) -> nn.Module:
         num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads,
         max_position_embeddings=spec.max_positions,
-        tie_word_embeddings=False,
+        tie_word_embeddings=spec.tie_embeddings,
     )
     return Qwen2ForCausalLM(config).float()
 

@@ -8,26 +8,16 @@ import pytest
 import torch
 from torch import nn
 
+from fisher_scale.models import TinyLM, tiny_causal_lm
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
 
 def tiny_qwen2(seed: int = 0, tie: bool = False) -> nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-    )
-    return Qwen2ForCausalLM(config).float()
+    spec = TinyLM(hidden_size=32, intermediate_size=48, vocab_size=64, max_positions=64, tie_embeddings=tie)
+    return tiny_causal_lm(spec, seed=seed)
 
 
 def tiny_lora_qwen2(seed: int = 0, rank: int = 4) -> nn.Module:
