@@ -1,14 +1,18 @@
 """Typed, validated schema of the experiment YAML keys (one place; unknown keys are errors).
 
-Sections land here as their capabilities do: ``optimizer.*`` and ``mask.*`` so far; the
-training, data, tune and scale sections come with their issues.
+An experiment is one YAML file (``tune_configs/*.yaml``); ``load_config`` reads it, applies
+``--set key=value`` overrides (dotted keys, values parsed as YAML) and validates everything before
+any Ray or DeepSpeed work starts. Errors name the offending key and what was expected.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fisher_scale.masks.scoring import DEFAULT_HEAD
 
@@ -53,3 +57,165 @@ class MaskConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="dense steps before the mask is computed")
     refresh_every: int = Field(0, ge=0, description="recompute every N steps after the first mask (0 = never)")
     head: tuple[str, ...] = Field(DEFAULT_HEAD, description="module names of the task head (target=model)")
+
+
+class ModelConfig(Section):
+    """``model.*``: what to fine-tune."""
+
+    name: str = Field("tiny", description="built-in preset (tiny, small, tiny-encoder), offline name, hub name or path")
+    task: Literal["causal_lm", "classification"] = "causal_lm"
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="bfloat16 needs GPUs")
+    activation_checkpointing: bool = False
+
+
+class PeftConfig(Section):
+    """``peft.*``: LoRA adapters (peft.LoraConfig names); ``enabled: false`` trains the full model."""
+
+    enabled: bool = True
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class DataConfig(Section):
+    """``data.*``: the training set and how batches are formed."""
+
+    dataset: str = Field("gsm8k", description="gsm8k or glue/<task> (glue/sst2, glue/mrpc, ...)")
+    source: str = Field("../shared/data", description="local data folder, or a hub name (openai/gsm8k, nyu-mll/glue)")
+    max_length: int = Field(256, ge=8)
+    max_train_examples: int | None = Field(None, ge=1)
+    batch_size: int = Field(4, ge=1, description="examples per worker per micro-batch")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+
+
+class TrainConfig(Section):
+    """``train.*``: the loop."""
+
+    steps: int = Field(50, ge=1, description="optimizer steps")
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up")
+    log_every: int = Field(5, ge=1, description="steps between metric reports (Ray reports cost ~1.5 s)")
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0 = only at the end)")
+    output_dir: str = Field("outputs/run", description="final adapter/model and result.json")
+    skip_nonfinite: bool = Field(False, description="skip a step with a NaN/inf loss or gradient instead of failing")
+    max_grad_norm: float | None = Field(None, gt=0)
+
+
+class DistributedConfig(Section):
+    """``distributed.*``: Ray Train workers and DeepSpeed ZeRO."""
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    zero_stage: int = Field(0, ge=0, le=3)
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="extra DeepSpeed JSON keys, passed through")
+    max_failures: int = Field(0, ge=0, description="Ray FailureConfig: worker failures to recover from")
+    storage_path: str | None = Field(None, description="Ray storage (local dir, s3://, NFS); default ~/ray_results")
+    address: str | None = Field(None, description="Ray cluster address; default: start or join a local one")
+
+
+class EvalConfig(Section):
+    """``eval.*``: evaluation during and after training."""
+
+    every: int = Field(0, ge=0, description="steps between evaluations (0 = only at the end)")
+    max_examples: int | None = Field(200, ge=1)
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(256, ge=1, description="GSM8K generation length")
+
+
+class ExperimentConfig(Section):
+    """One experiment: every key of the YAML, validated."""
+
+    name: str = Field("fisher-scale", description="MLflow experiment / Ray run name")
+    seed: int = 0
+    lr: float = Field(1e-3, gt=0)
+    model: ModelConfig = ModelConfig()
+    peft: PeftConfig = PeftConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    mask: MaskConfig = MaskConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _compatible(self) -> ExperimentConfig:
+        if self.optimizer.name == "adafish" and not self.peft.enabled:
+            raise ValueError("optimizer.name=adafish needs peft.enabled=true (it preconditions LoRA's r×r sides)")
+        if self.mask.enabled and self.mask.target == "peft" and not self.peft.enabled:
+            raise ValueError("mask.target=peft needs peft.enabled=true")
+        if self.model.dtype == "bfloat16" and not self.distributed.use_gpu:
+            raise ValueError("model.dtype=bfloat16 needs distributed.use_gpu=true (CPU training runs in float32)")
+        return self
+
+
+class ConfigError(ValueError):
+    """An invalid experiment config; the message lists every offending key."""
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
+    """``key=value`` strings to (dotted key, YAML-parsed value) pairs."""
+    pairs = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        pairs.append((key.strip(), yaml.safe_load(text) if text.strip() else None))
+    return pairs
+
+
+def build_config(tree: dict[str, Any], overrides: Iterable[str] = (), *, origin: str = "config") -> ExperimentConfig:
+    """Validate a config tree (plus overrides); every problem is reported with its dotted key."""
+    tree = yaml.safe_load(yaml.safe_dump(tree)) or {}
+    for key, value in parse_overrides(overrides):
+        _set_dotted(tree, key, value)
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as error:
+        lines = []
+        for problem in error.errors():
+            key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+            if problem["type"] == "extra_forbidden":
+                lines.append(f"  {key}: unknown key")
+            elif problem["loc"]:
+                lines.append(f"  {key}: {problem['msg']} (got {problem.get('input')!r})")
+            else:
+                lines.append(f"  {problem['msg'].removeprefix('Value error, ')}")
+        raise ConfigError(f"{origin} is invalid:\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """Read and validate an experiment YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return build_config(tree, overrides, origin=str(path))
+
+
+def flatten(config: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """Dotted key → value for every leaf (MLflow params, search-space validation)."""
+    flat: dict[str, Any] = {}
+    for key, value in config:
+        name = f"{prefix}{key}"
+        if isinstance(value, BaseModel):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

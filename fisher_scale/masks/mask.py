@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fisher_scale.optim.pieces import PieceMap, whole_parameters
+
 Mask = dict[str, Tensor]
 
 
@@ -104,14 +106,25 @@ class MaskedUpdates:
     zeroes it before accumulation, so gradient clipping and data-parallel reduction see zeros), and
     around every ``optimizer.step()`` their values and optimizer state are restored, so weight decay
     and optimizers that mix entries (AdaFish) cannot move them. New state starts at zero there.
+
+    ``pieces`` maps the optimizer's tensors to parameter ranges (``fisher_scale.optim.pieces``); by
+    default the optimizer holds the parameters themselves. Under ZeRO each rank passes its partition
+    map and so stores the mask only for the elements it owns.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, mask: Mapping[str, Tensor]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        mask: Mapping[str, Tensor],
+        pieces: PieceMap | None = None,
+    ) -> None:
         self.optimizer = optimizer
         self._params = dict(model.named_parameters())
-        self._masks: dict[nn.Parameter, Tensor] = {}
+        self._pieces = whole_parameters(model) if pieces is None else pieces
+        self._owned: dict[Tensor, Tensor] = {}  # optimizer tensor → its bool mask (same shape)
         self._grad_hooks: list = []
-        self._saved: dict[nn.Parameter, tuple[Tensor, dict[str, Tensor]]] = {}
+        self._saved: dict[Tensor, tuple[Tensor, dict[str, Tensor]]] = {}
         self.update(mask)
         self._hooks = [optimizer.register_step_pre_hook(self._before), optimizer.register_step_post_hook(self._after)]
 
@@ -120,31 +133,44 @@ class MaskedUpdates:
         check_mask_matches(mask, self._params)
         for hook in self._grad_hooks:
             hook.remove()
-        self._masks = {self._params[n]: m.to(self._params[n].device) for n, m in mask.items()}
-        self._grad_hooks = [p.register_hook(lambda g, m=m: g * m) for p, m in self._masks.items()]
-        for p, m in self._masks.items():
-            for value in self.optimizer.state.get(p, {}).values():
-                if isinstance(value, Tensor) and value.shape == p.shape:
-                    value.masked_fill_(~m, 0)
+        self._grad_hooks = []
+        for name, m in mask.items():
+            param = self._params[name]
+            keep = m.to(param.device)
+            self._grad_hooks.append(param.register_hook(lambda g, keep=keep: g * keep))
+        self._owned = {}
+        for tensor, pieces in self._pieces.items():
+            owned = torch.ones(tensor.numel(), dtype=torch.bool, device=tensor.device)
+            for piece in pieces:
+                if piece.name in mask:
+                    piece.of(owned).copy_(mask[piece.name].reshape(-1)[piece.start : piece.end])
+            if not owned.all():
+                self._owned[tensor] = owned.view(tensor.shape)
+        for tensor, owned in self._owned.items():
+            for value in self.optimizer.state.get(tensor, {}).values():
+                if _same_shape(value, tensor):
+                    value.masked_fill_(~owned, 0)
 
     def _before(self, *_: object) -> None:
         self._saved = {
-            p: (
-                p.detach().clone(),
-                {k: v.clone() for k, v in self.optimizer.state.get(p, {}).items() if _param_shaped(v, p)},
+            t: (
+                t.detach().clone(),
+                {k: v.clone() for k, v in self.optimizer.state.get(t, {}).items() if _same_shape(v, t)},
             )
-            for p in self._masks
+            for t in self._owned
         }
 
     @torch.no_grad()
     def _after(self, *_: object) -> None:
-        for p, m in self._masks.items():
-            value, state_before = self._saved[p]
-            p.copy_(torch.where(m, p, value))
-            for key, current in self.optimizer.state.get(p, {}).items():
-                if _param_shaped(current, p):
+        for tensor, owned in self._owned.items():
+            value, state_before = self._saved[tensor]
+            tensor.copy_(torch.where(owned, tensor, value))
+            for key, current in self.optimizer.state.get(tensor, {}).items():
+                if _same_shape(current, tensor):
                     before = state_before.get(key)
-                    current.copy_(torch.where(m, current, before if before is not None else torch.zeros_like(current)))
+                    current.copy_(
+                        torch.where(owned, current, before if before is not None else torch.zeros_like(current))
+                    )
         self._saved = {}
 
     def remove(self) -> None:
@@ -152,13 +178,15 @@ class MaskedUpdates:
             hook.remove()
 
 
-def _param_shaped(value: object, p: Tensor) -> bool:
-    return isinstance(value, Tensor) and value.shape == p.shape
+def _same_shape(value: object, tensor: Tensor) -> bool:
+    return isinstance(value, Tensor) and value.shape == tensor.shape
 
 
-def apply_mask(model: nn.Module, optimizer: torch.optim.Optimizer, mask: Mapping[str, Tensor]) -> MaskedUpdates:
+def apply_mask(
+    model: nn.Module, optimizer: torch.optim.Optimizer, mask: Mapping[str, Tensor], pieces: PieceMap | None = None
+) -> MaskedUpdates:
     """Train only the True entries of ``mask`` with ``optimizer`` (any torch optimizer); see :class:`MaskedUpdates`."""
-    return MaskedUpdates(model, optimizer, mask)
+    return MaskedUpdates(model, optimizer, mask, pieces)
 
 
 def check_mask_matches(mask: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> None:

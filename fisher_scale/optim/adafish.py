@@ -15,6 +15,8 @@ from torch import Tensor, nn
 
 from fisher_scale.optim.adafisher import FisherOptimizer, _check
 from fisher_scale.optim.curvature import Factor, LayerCurvature
+from fisher_scale.optim.layers import full_numel, full_shape
+from fisher_scale.optim.pieces import Piece
 
 
 def kronecker_direction(m: Tensor, out_factor: Factor, in_factor: Factor, damping: float) -> Tensor:
@@ -70,38 +72,57 @@ class AdaFish(FisherOptimizer):
             max_full_dim=max_full_dim,
         )
 
-    def _directions(self, params: list[Tensor], moments: list[Tensor]) -> dict[Tensor, Tensor]:
-        whole: dict[LayerCurvature, None] = {}  # layers with a full side, in order
-        rest, rest_moments = [], []
-        for p, m in zip(params, moments, strict=True):
-            layer, _ = self._layer_of.get(p, (None, None))
-            if layer is not None and layer.factors is not None and (layer.full_in or layer.full_out):
-                whole[layer] = None
-            else:
-                rest.append(p)
-                rest_moments.append(m)
-        directions = super()._directions(rest, rest_moments)
-        by_id = {id(p): m for p, m in zip(params, moments, strict=True)}
-        for layer in whole:
-            directions.update(self._layer_directions(layer, by_id))
-        return directions
+    def _directions(self, work: list[tuple[Tensor, Piece]]) -> list[Tensor]:
+        """Diagonal layers as AdaFisherW; layers with a full side solved whole, [M_W | m_b] at once (§2).
 
-    def _layer_directions(self, layer: LayerCurvature, moments: dict[int, Tensor]) -> dict[Tensor, Tensor]:
-        """Precondition [M_W | m_b] jointly: the bias is the input factor's last column (§2).
-
-        A member without a gradient this step (or frozen) contributes a zero block and gets no update.
+        Each layer's momentum matrix is assembled from the pieces this rank holds and summed over
+        ranks (pieces are disjoint), so under ZeRO every rank solves the same small LoRA system and
+        keeps its own slice: only these r-sided matrices travel, never a gradient.
         """
-        members = [p for p in (layer.layer.weight, layer.layer.bias) if p is not None]
-        out_dim = members[0].shape[0]
-        blocks = [
-            moments[id(p)].reshape(out_dim, -1) if id(p) in moments else p.new_zeros(out_dim, p.numel() // out_dim)
-            for p in members
+        full = [
+            layer
+            for layer in self.curvature.layers.values()
+            if layer.factors is not None and (layer.full_in or layer.full_out)
         ]
-        h, s = layer.factors
-        solved = kronecker_direction(torch.cat(blocks, 1), s, h, self.damping)
-        directions, start = {}, 0
-        for p, block in zip(members, blocks, strict=True):
-            if id(p) in moments:
-                directions[p] = solved[:, start : start + block.shape[1]].reshape(p.shape)
-            start += block.shape[1]
+        in_full = {id(p) for p in _full_layer_params(full)}
+        diagonal = [i for i, (_, piece) in enumerate(work) if id(piece.param) not in in_full]
+        directions: list[Tensor | None] = [None] * len(work)
+        for i, direction in zip(diagonal, super()._directions([work[i] for i in diagonal]), strict=True):
+            directions[i] = direction
+        if not full:
+            return directions
+        blocks = {
+            id(p): torch.zeros(full_numel(p), dtype=torch.float32, device=p.device) for p in _full_layer_params(full)
+        }
+        for tensor, piece in work:
+            if id(piece.param) in in_full:
+                blocks[id(piece.param)][piece.start : piece.end] = piece.of(self.state[tensor]["exp_avg"])
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            packed = torch.cat(list(blocks.values()))
+            torch.distributed.all_reduce(packed)
+            blocks = dict(zip(blocks, packed.split([b.numel() for b in blocks.values()]), strict=True))
+        solved = {}
+        for layer in full:
+            members = _members(layer)
+            out_dim = full_shape(members[0])[0]
+            matrix = torch.cat([blocks[id(p)].view(out_dim, -1) for p in members], 1)
+            h, s = layer.factors
+            result = kronecker_direction(matrix, s, h, self.damping)
+            start = 0
+            for p in members:
+                width = full_numel(p) // out_dim
+                solved[id(p)] = result[:, start : start + width].reshape(-1)
+                start += width
+        for i, (_, piece) in enumerate(work):
+            if directions[i] is None:
+                directions[i] = solved[id(piece.param)][piece.start : piece.end]
         return directions
+
+
+def _full_layer_params(layers: list[LayerCurvature]) -> list[nn.Parameter]:
+    return [p for layer in layers for p in _members(layer)]
+
+
+def _members(layer: LayerCurvature) -> list[nn.Parameter]:
+    """The layer's [W | b] parameters (a frozen one contributes zero momentum)."""
+    return [p for p in (layer.layer.weight, layer.layer.bias) if p is not None]

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from fisher_scale.optim.curvature import EMA_MODES, CurvatureTracker, LayerCurvature
 from fisher_scale.optim.layers import ParamSlot
+from fisher_scale.optim.pieces import Piece, PieceMap, whole_parameters
 
 FALLBACKS = ("adamw", "official")
 
@@ -100,6 +101,11 @@ class FisherOptimizer(torch.optim.Optimizer):
         self._layer_of: dict[nn.Parameter, tuple[LayerCurvature, ParamSlot]] = {
             slot.param: (layer, slot) for layer in self.curvature.layers.values() for slot in layer.slots
         }
+        self.pieces: PieceMap = whole_parameters(model)
+
+    def use_pieces(self, pieces: PieceMap) -> None:
+        """Optimise the tensors a ZeRO optimizer hands over instead of the parameters (see ``optim.pieces``)."""
+        self.pieces = pieces
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -109,76 +115,68 @@ class FisherOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self.curvature.fold()
         for group in self.param_groups:
-            fisher = []
-            for p in group["params"]:
-                if p.grad is None:
+            fisher: list[tuple[Tensor, Piece]] = []
+            for tensor in group["params"]:
+                if tensor.grad is None or tensor.numel() == 0:
                     continue
-                if p in self._layer_of or self.fallback == "official":
-                    fisher.append(p)
-                else:
-                    self._adamw_step(p, group)
-            moments = self._momenta(fisher, group)
-            for p, direction in self._directions(fisher, moments).items():
-                self._apply(p, direction, group)
+                state = self.state[tensor]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(tensor, memory_format=torch.preserve_format)
+                state["step"] += 1
+                for piece in self.pieces.get(tensor, ()):
+                    if piece.param in self._layer_of or self.fallback == "official":
+                        self._momentum(tensor, piece, group)
+                        fisher.append((tensor, piece))
+                    else:
+                        self._adamw_step(tensor, piece, group)
+            for (tensor, piece), direction in zip(fisher, self._directions(fisher), strict=True):
+                self._apply(tensor, piece, direction, group)
         self.curvature.steps += 1
         return loss
 
-    def _momenta(self, params: list[Tensor], group: dict) -> list[Tensor]:
-        """Advance the momenta ``m ← βm + (1-β)g`` of ``params`` in one batched update.
-
-        AdaFisher (coupled weight decay) adds ``wd·θ`` to g first.
-        """
-        if not params:
-            return []
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
-        grads = [p.grad for p in params]
+    def _momentum(self, tensor: Tensor, piece: Piece, group: dict) -> None:
+        """``m ← βm + (1-β)g`` on the piece (AdaFisher adds ``wd·θ`` to g first)."""
+        grad = piece.of(tensor.grad)
         if not self.decoupled and group["weight_decay"] != 0:
-            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-        moments = [self.state[p]["exp_avg"] for p in params]
-        torch._foreach_mul_(moments, group["beta"])
-        torch._foreach_add_(moments, grads, alpha=1 - group["beta"])
-        return moments
+            grad = grad.add(piece.of(tensor), alpha=group["weight_decay"])
+        piece.of(self.state[tensor]["exp_avg"]).mul_(group["beta"]).add_(grad, alpha=1 - group["beta"])
 
-    def _directions(self, params: list[Tensor], moments: list[Tensor]) -> dict[Tensor, Tensor]:
-        """Preconditioned momentum ``m / F̃`` per parameter (F̃ = 1 before a layer's first statistic)."""
-        directions = {}
-        for p, m in zip(params, moments, strict=True):
-            layer, slot = self._layer_of.get(p, (None, None))
+    def _directions(self, work: list[tuple[Tensor, Piece]]) -> list[Tensor]:
+        """Preconditioned momentum ``m / F̃`` per piece (F̃ = 1 before a layer's first statistic)."""
+        directions = []
+        for tensor, piece in work:
+            m = piece.of(self.state[tensor]["exp_avg"])
+            layer, slot = self._layer_of.get(piece.param, (None, None))
             factors = None if layer is None else layer.factors
             if factors is None:
-                directions[p] = m
+                directions.append(m)
             else:
-                directions[p] = m / fragment_preconditioner(slot, factors, self.damping, 0, p.numel()).view_as(p)
+                directions.append(m / fragment_preconditioner(slot, factors, self.damping, piece.start, piece.end))
         return directions
 
-    def _apply(self, p: Tensor, direction: Tensor, group: dict) -> None:
+    def _apply(self, tensor: Tensor, piece: Piece, direction: Tensor, group: dict) -> None:
         lr, wd = group["lr"], group["weight_decay"]
-        bias_correction = 1 - group["beta"] ** self.state[p]["step"]
+        bias_correction = 1 - group["beta"] ** self.state[tensor]["step"]
+        theta = piece.of(tensor)
         if self.decoupled:
-            p.sub_(lr * (direction / bias_correction + wd * p))
+            theta.sub_(lr * (direction / bias_correction + wd * theta))
         else:
-            p.add_(direction, alpha=-lr / bias_correction)
+            theta.add_(direction, alpha=-lr / bias_correction)
 
-    def _adamw_step(self, p: Tensor, group: dict) -> None:
+    def _adamw_step(self, tensor: Tensor, piece: Piece, group: dict) -> None:
         """The default fallback: AdamW with β1 = β, β2 = 0.999, eps = 1e-8 and the group's lr and wd."""
         beta1, beta2, lr = group["beta"], 0.999, group["lr"]
-        state = self.state[p]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] += 1
-        grad = p.grad
-        state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        p.mul_(1 - lr * group["weight_decay"])
-        denom = (state["exp_avg_sq"] / (1 - beta2 ** state["step"])).sqrt_().add_(1e-8)
-        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** state["step"]))
+        state = self.state[tensor]
+        if "exp_avg_sq" not in state:
+            state["exp_avg_sq"] = torch.zeros_like(tensor, memory_format=torch.preserve_format)
+        step, grad, theta = state["step"], piece.of(tensor.grad), piece.of(tensor)
+        m, v = piece.of(state["exp_avg"]), piece.of(state["exp_avg_sq"])
+        m.mul_(beta1).add_(grad, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        theta.mul_(1 - lr * group["weight_decay"])
+        denom = (v / (1 - beta2**step)).sqrt_().add_(1e-8)
+        theta.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
 
     def curvature_contrast(self) -> dict[str, float]:
         """Per layer ``(max F̃ - min F̃) / min F̃`` (ALGORITHMS.md §1.5), for logging.

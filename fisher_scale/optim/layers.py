@@ -27,6 +27,10 @@ def full_shape(param: Tensor) -> tuple[int, ...]:
     return tuple(getattr(param, "ds_shape", param.shape))
 
 
+def full_numel(param: Tensor) -> int:
+    return math.prod(full_shape(param))
+
+
 @dataclass(frozen=True)
 class ParamSlot:
     """One trainable parameter of a supported layer and how its elements pair with the factors.

@@ -1,0 +1,45 @@
+"""The sharding seam: which elements of which model parameter each optimizer tensor holds.
+
+Without ZeRO the optimizer holds the model's parameters themselves (one piece each, the whole
+parameter). Under ZeRO it holds flat fp32 partitions; a distributor (``fisher_scale.train.zero``)
+maps each partition to pieces ``[offset, offset + numel)`` = elements ``[start, end)`` of a flattened
+parameter. The optimizer math works on pieces and never sees the parallelism (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Elements ``[start, end)`` of the flattened parameter ``name``, stored at ``[offset, offset + end - start)``
+    of the optimizer's (flattened) tensor."""
+
+    name: str
+    param: nn.Parameter
+    start: int
+    end: int
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        return self.end - self.start
+
+    def of(self, tensor: Tensor) -> Tensor:
+        """This piece's 1-D view into an optimizer tensor (or a tensor of its shape: grad, state)."""
+        return tensor.view(-1)[self.offset : self.offset + self.numel]
+
+
+PieceMap = dict[Tensor, list[Piece]]
+
+
+def whole_parameters(model: nn.Module) -> PieceMap:
+    """The map when the optimizer holds the model's own trainable parameters."""
+    seen: PieceMap = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and p not in seen:
+            seen[p] = [Piece(name, p, 0, p.numel(), 0)]
+    return seen
