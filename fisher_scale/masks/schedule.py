@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from fisher_scale.masks.mask import Mask, MaskedUpdates, mask_report, select_mask
 from fisher_scale.masks.scoring import DEFAULT_HEAD, candidate_parameters, fisher_scores
+from fisher_scale.optim.pieces import PieceMap
 
 
 class MaskSchedule:
@@ -34,6 +35,7 @@ class MaskSchedule:
         warmup_steps: int = 0,
         refresh_every: int = 0,
         head: Sequence[str] = DEFAULT_HEAD,
+        pieces: PieceMap | None = None,
     ) -> None:
         for name, value in (("mask.warmup_steps", warmup_steps), ("mask.refresh_every", refresh_every)):
             if not isinstance(value, int) or value < 0:
@@ -41,7 +43,9 @@ class MaskSchedule:
         self.model, self.optimizer, self.score_batches = model, optimizer, score_batches
         self.target, self.ratio, self.samples, self.variant = target, ratio, samples, variant
         self.warmup_steps, self.refresh_every, self.head = warmup_steps, refresh_every, tuple(head)
+        self.pieces = pieces
         self.mask: Mask | None = None
+        self.report: dict[str, float] = {}
         self.updates: MaskedUpdates | None = None
 
     def due(self, step: int) -> bool:
@@ -61,9 +65,14 @@ class MaskSchedule:
             head=self.head,
         )
         _, heads = candidate_parameters(self.model, self.target, self.head)
-        self.mask = select_mask(scores, self.ratio, always_keep=heads)
+        self.restore(select_mask(scores, self.ratio, always_keep=heads))
+        return self.report
+
+    def restore(self, mask: Mask) -> None:
+        """Apply ``mask`` (a new selection, or one read back from a checkpoint)."""
+        self.mask = mask
         if self.updates is None:
-            self.updates = MaskedUpdates(self.model, self.optimizer, self.mask)
+            self.updates = MaskedUpdates(self.model, self.optimizer, mask, self.pieces)
         else:
-            self.updates.update(self.mask)
-        return mask_report(self.mask)
+            self.updates.update(mask)
+        self.report = mask_report(mask)

@@ -100,6 +100,11 @@ class CurvatureTracker:
         self.ema_mode = ema_mode
         self.interval = interval
         self.steps = 0
+        #: the factor a training loop multiplied the loss by (e.g. the number of data-parallel ranks); output
+        #: gradients are divided by it so the statistics match one process on the whole batch
+        self.output_grad_scale = 1.0
+        #: "raise" on a non-finite statistic, or "skip" the step's statistics
+        self.nonfinite = "raise"
         self.layers: dict[str, LayerCurvature] = {}
         self._by_module: dict[nn.Module, LayerCurvature] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -142,20 +147,34 @@ class CurvatureTracker:
         h_stat = state.rule.input_stat(layer, args[0].detach(), state.full_in)
 
         def on_output_grad(grad: Tensor) -> None:
-            state.add(h_stat, state.rule.output_stat(layer, grad.detach(), state.full_out))
+            grad = grad.detach()
+            if self.output_grad_scale != 1.0:
+                grad = grad / self.output_grad_scale
+            state.add(h_stat, state.rule.output_stat(layer, grad, state.full_out))
 
         output.register_hook(on_output_grad)
 
     def fold(self) -> None:
-        """Fold this step's fresh statistics into the EMA (on curvature steps) and refresh F̃'s factors."""
+        """Fold this step's fresh statistics into the EMA (on curvature steps) and refresh F̃'s factors.
+
+        Under ``torch.distributed`` the weighted sums and weights of all ranks are added first (one
+        all-reduce), so N ranks with batch b compute what one process computes with batch N·b.
+        """
         if not self.collecting:
             return
+        self._reduce_over_ranks()
         gamma = self.ema_decay
         for state in self.layers.values():
             fresh = state.fresh()
             if fresh is None:
                 continue
             h_new, s_new = fresh
+            if not (torch.isfinite(h_new).all() and torch.isfinite(s_new).all()):
+                if self.nonfinite == "skip":
+                    continue
+                raise FloatingPointError(
+                    f"non-finite Fisher statistic in layer {state.name!r} at optimizer step {self.steps}"
+                )
             if self.ema_mode == "official":
                 state.H = _official_ema(state.H, h_new, gamma)
                 state.S = _official_ema(state.S, s_new, gamma)
@@ -163,6 +182,29 @@ class CurvatureTracker:
                 state.H = h_new.clone() if state.H is None else gamma * state.H + (1 - gamma) * h_new
                 state.S = s_new.clone() if state.S is None else gamma * state.S + (1 - gamma) * s_new
             self._refresh(state)
+
+    def discard(self) -> None:
+        """Drop this step's accumulated statistics (a skipped step)."""
+        for state in self.layers.values():
+            state.fresh()
+
+    def _reduce_over_ranks(self) -> None:
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        live = [s for s in self.layers.values() if s.acc_in is not None and s.acc_out is not None]
+        seen = torch.tensor([len(live), -len(live)], dtype=torch.float64)
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        if seen[0] != -seen[1]:
+            raise RuntimeError("ranks collected Fisher statistics for different sets of layers in the same step")
+        parts = [t.reshape(-1) for s in live for t in (s.acc_in, s.acc_out)]
+        packed = torch.cat([*parts, torch.tensor([s.weight for s in live], dtype=parts[0].dtype if parts else None)])
+        dist.all_reduce(packed)
+        chunks = packed.split([p.numel() for p in parts] + [len(live)])
+        for i, state in enumerate(live):
+            state.acc_in = chunks[2 * i].view_as(state.acc_in)
+            state.acc_out = chunks[2 * i + 1].view_as(state.acc_out)
+            state.weight = float(chunks[-1][i])
 
     def _refresh(self, state: LayerCurvature) -> None:
         if state.H is None or state.S is None:
