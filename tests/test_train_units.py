@@ -1,0 +1,85 @@
+"""Training building blocks that need no Ray: batch schedule, DeepSpeed config, config files, resources."""
+
+from __future__ import annotations
+
+import pytest
+
+from fisher_scale.config import ConfigError, build_config, load_config
+from fisher_scale.train.batches import StepBatches
+from fisher_scale.train.engine import deepspeed_config
+from fisher_scale.train.launcher import check_resources
+
+
+def _step_examples(batches: StepBatches, step: int) -> list[int]:
+    return [
+        i
+        for micro in range(batches.accumulation)
+        for rank in range(batches.world)
+        for i in batches.indices(step, rank, micro)
+    ]
+
+
+def test_n_workers_see_what_one_worker_sees_with_n_times_the_batch() -> None:
+    two = StepBatches(num_examples=23, batch_size=3, accumulation=2, world=2, seed=7)
+    one = StepBatches(num_examples=23, batch_size=6, accumulation=2, world=1, seed=7)
+    for step in range(10):  # crosses several epochs
+        assert sorted(_step_examples(two, step)) == sorted(_step_examples(one, step))
+
+
+def test_ranks_get_disjoint_examples_within_an_epoch() -> None:
+    batches = StepBatches(num_examples=24, batch_size=3, accumulation=2, world=2, seed=1)
+    for step in range(4):
+        seen = _step_examples(batches, step)
+        assert len(set(seen)) == len(seen) == 12
+
+
+def test_every_example_once_per_epoch_and_reshuffled() -> None:
+    batches = StepBatches(num_examples=12, batch_size=2, accumulation=1, world=2, seed=0)
+    first = [i for s in range(3) for i in _step_examples(batches, s)]
+    second = [i for s in range(3, 6) for i in _step_examples(batches, s)]
+    assert sorted(first) == sorted(second) == list(range(12))
+    assert first != second
+
+
+def test_deepspeed_keys_pass_through_recursively() -> None:
+    cfg = build_config(
+        {
+            "distributed": {
+                "zero_stage": 3,
+                "num_workers": 2,
+                "deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": 0}, "gradient_clipping": 0.5},
+            }
+        },
+        ["data.batch_size=3", "data.gradient_accumulation_steps=2"],
+    )
+    ds = deepspeed_config(cfg, world=2)
+    assert ds["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
+    assert ds["gradient_clipping"] == 0.5 and ds["train_batch_size"] == 12
+
+
+def test_config_file_errors_name_file_and_key(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("lr: 0.1\noptimizer:\n  dampng: 0.1\ndistributed:\n  zero_stage: 5\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(typo, ["optimizer.name=sgd"])
+    text = str(error.value)
+    assert "optimizer.dampng: unknown key" in text and "distributed.zero_stage" in text and "optimizer.name" in text
+    with pytest.raises(ConfigError, match="adafish needs peft.enabled=true"):
+        build_config({"optimizer": {"name": "adafish"}, "peft": {"enabled": False}})
+    with pytest.raises(ConfigError, match="--set expects key=value"):
+        build_config({}, ["lr"])
+
+
+def test_workers_must_fit_the_cluster() -> None:
+    cfg = build_config({"distributed": {"num_workers": 3}})
+    with pytest.raises(ConfigError, match="needs 3 CPUs; the Ray cluster has 2"):
+        check_resources(cfg, {"CPU": 2.0})
+    check_resources(build_config({"distributed": {"num_workers": 2}}), {"CPU": 2.0})
+    with pytest.raises(ConfigError, match="needs 2 GPUs"):
+        check_resources(build_config({"distributed": {"num_workers": 2, "use_gpu": True}}), {"CPU": 8.0})
