@@ -117,6 +117,7 @@ class DistributedConfig(Section):
 class EvalConfig(Section):
     """``eval.*``: evaluation during and after training."""
 
+    enabled: bool = True
     every: int = Field(0, ge=0, description="steps between evaluations (0 = only at the end)")
     max_examples: int | None = Field(200, ge=1)
     batch_size: int = Field(8, ge=1)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from fisher_scale.optim.adafisher import FisherOptimizer, _check
 from fisher_scale.optim.curvature import Factor, LayerCurvature
 from fisher_scale.optim.layers import full_numel, full_shape
-from fisher_scale.optim.pieces import Piece
+from fisher_scale.optim.pieces import Piece, PieceMap
 
 
 def kronecker_direction(m: Tensor, out_factor: Factor, in_factor: Factor, damping: float) -> Tensor:
@@ -71,6 +71,14 @@ class AdaFish(FisherOptimizer):
             fallback,
             max_full_dim=max_full_dim,
         )
+
+    def use_pieces(self, pieces: PieceMap) -> None:
+        if len(pieces) > 1:
+            raise ValueError(
+                "AdaFish under ZeRO needs all trainable parameters in one param group / ZeRO-3 sub-group (its r×r "
+                f"solves need every piece of a layer in the same step call); got {len(pieces)} partitions"
+            )
+        super().use_pieces(pieces)
 
     def _directions(self, work: list[tuple[Tensor, Piece]]) -> list[Tensor]:
         """Diagonal layers as AdaFisherW; layers with a full side solved whole, [M_W | m_b] at once (§2).

@@ -102,6 +102,7 @@ class FisherOptimizer(torch.optim.Optimizer):
             slot.param: (layer, slot) for layer in self.curvature.layers.values() for slot in layer.slots
         }
         self.pieces: PieceMap = whole_parameters(model)
+        self._pending: set[int] = set()  # tensors not yet stepped in this optimizer step
 
     def use_pieces(self, pieces: PieceMap) -> None:
         """Optimise the tensors a ZeRO optimizer hands over instead of the parameters (see ``optim.pieces``)."""
@@ -113,7 +114,10 @@ class FisherOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.curvature.fold()
+        # ZeRO calls step() once per param group / sub-group: the factors advance once per optimizer step
+        if not self._pending:
+            self.curvature.fold()
+            self._pending = {id(t) for t in self.pieces}
         for group in self.param_groups:
             fisher: list[tuple[Tensor, Piece]] = []
             for tensor in group["params"]:
@@ -132,7 +136,9 @@ class FisherOptimizer(torch.optim.Optimizer):
                         self._adamw_step(tensor, piece, group)
             for (tensor, piece), direction in zip(fisher, self._directions(fisher), strict=True):
                 self._apply(tensor, piece, direction, group)
-        self.curvature.steps += 1
+            self._pending -= {id(t) for t in group["params"]}
+        if not self._pending:
+            self.curvature.steps += 1
         return loss
 
     def _momentum(self, tensor: Tensor, piece: Piece, group: dict) -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fisher_scale.optim.adafish import AdaFish
-from fisher_scale.optim.adafisher import AdaFisher, AdaFisherW, trainable_parameters
+from fisher_scale.optim.adafisher import AdaFisher, AdaFisherW, FisherOptimizer, trainable_parameters
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW,
@@ -46,21 +46,14 @@ def build_optimizer(name: str, model: nn.Module, **hyperparameters: object) -> t
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor a checkpoint of ``optimizer`` holds (moments, Fisher factors)."""
-    total = 0
+    """Bytes of the optimizer's state tensors (moments; Fisher factors and their cached eigenbases).
 
-    def visit(value: object) -> None:
-        nonlocal total
-        if isinstance(value, torch.Tensor):
-            total += value.numel() * value.element_size()
-        elif isinstance(value, dict):
-            for item in value.values():
-                visit(item)
-        elif isinstance(value, list | tuple):
-            for item in value:
-                visit(item)
-
-    state = optimizer.state_dict()
-    visit(state["state"])
-    visit(state.get("fisher"))
-    return total
+    Walks ``optimizer.state`` itself: under ZeRO 3 the client optimizer's ``param_groups`` are empty
+    outside its step, so ``state_dict()`` cannot be used there.
+    """
+    tensors = [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    if isinstance(optimizer, FisherOptimizer):
+        for layer in optimizer.curvature.layers.values():
+            tensors += [t for t in (layer.H, layer.S) if t is not None]
+            tensors += [t for side in (layer.factors or ()) if side[1] is not None for t in side]
+    return sum(t.numel() * t.element_size() for t in tensors)
