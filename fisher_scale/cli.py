@@ -54,6 +54,28 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace, console: Console) -> int:
+    from fisher_scale.config import load_config
+    from fisher_scale.train.launcher import run_training
+
+    cfg = load_config(args.config, args.set)
+    console.print(
+        f"training {cfg.name}: {cfg.model.name}, {cfg.optimizer.name}, "
+        f"{cfg.distributed.num_workers} worker(s), ZeRO {cfg.distributed.zero_stage}"
+    )
+    summary = run_training(cfg)
+    metrics = summary["metrics"]
+    table = Table(title=f"{cfg.name}: final metrics")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in sorted(metrics.items()):
+        if isinstance(value, int | float):
+            table.add_row(key, f"{value:.6g}")
+    console.print(table)
+    console.print(f"adapter: {summary['adapter']}\nresult:  {Path(cfg.train.output_dir) / 'result.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fisher_scale.demo import default_data_dir
 
@@ -73,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", type=Path, default=default_data_dir() / "gsm8k" / "train.jsonl")
     demo.add_argument("--json", type=Path, help="also write the table's rows as JSON here")
     demo.set_defaults(run=_demo)
+
+    train = commands.add_parser("train", help="one training run: Ray Train + DeepSpeed ZeRO, Fisher optimizers, masks")
+    train.add_argument("config", type=Path, help="experiment YAML (tune_configs/*.yaml)")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set optimizer.damping=1e-3 (repeatable)",
+    )
+    train.set_defaults(run=_train)
     return parser
 
 
@@ -81,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         return args.run(args, console)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, ImportError) as error:
         console.print(f"[red]error:[/red] {error}")
         return 2
 

@@ -82,7 +82,9 @@ class DataConfig(Section):
     """``data.*``: the training set and how batches are formed."""
 
     dataset: str = Field("gsm8k", description="gsm8k or glue/<task> (glue/sst2, glue/mrpc, ...)")
-    source: str = Field("../shared/data", description="local data folder, or a hub name (openai/gsm8k, nyu-mll/glue)")
+    source: str | None = Field(
+        None, description="local GSM8K folder/jsonl or GLUE folder, or a hub id; default ../shared/data/{gsm8k,glue}"
+    )
     max_length: int = Field(256, ge=8)
     max_train_examples: int | None = Field(None, ge=1)
     batch_size: int = Field(4, ge=1, description="examples per worker per micro-batch")
@@ -98,6 +100,7 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0 = only at the end)")
     output_dir: str = Field("outputs/run", description="final adapter/model and result.json")
     skip_nonfinite: bool = Field(False, description="skip a step with a NaN/inf loss or gradient instead of failing")
+    resume_from: str | None = Field(None, description="a checkpoint directory of an earlier run to continue from")
     max_grad_norm: float | None = Field(None, gt=0)
 
 
@@ -145,6 +148,11 @@ class ExperimentConfig(Section):
             raise ValueError("optimizer.name=adafish needs peft.enabled=true (it preconditions LoRA's r×r sides)")
         if self.mask.enabled and self.mask.target == "peft" and not self.peft.enabled:
             raise ValueError("mask.target=peft needs peft.enabled=true")
+        if self.mask.enabled and self.distributed.zero_stage == 3:
+            raise ValueError(
+                "mask.enabled with distributed.zero_stage=3 is not supported yet: FISH scoring takes per-example "
+                "gradients with torch.func, which ZeRO-3's parameter hooks do not allow; use ZeRO 0-2"
+            )
         if self.model.dtype == "bfloat16" and not self.distributed.use_gpu:
             raise ValueError("model.dtype=bfloat16 needs distributed.use_gpu=true (CPU training runs in float32)")
         return self

@@ -63,3 +63,14 @@ def lm_batch(seed: int, batch: int = 4, length: int = 12, vocab: int = 64) -> di
 @pytest.fixture
 def lora_model() -> nn.Module:
     return tiny_lora_qwen2()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (starting one costs ~4 s and ~1 GB)."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    ray.init(num_cpus=2, include_dashboard=True, configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -257,3 +257,18 @@ def test_bad_scoring_input() -> None:
         fisher_scores(model, [{"input_ids": lm_batch(0)["input_ids"]}])
     with pytest.raises(ValueError, match=r"mask\.warmup_steps must be an integer >= 0"):
         MaskSchedule(model, build_optimizer("adamw", model), lambda: batches, ratio=0.5, warmup_steps=-1)
+
+
+def test_padded_batches_score_like_unpadded_single_examples() -> None:
+    """Right-padded examples with an attention mask: each scores as if it were alone and unpadded."""
+    model = tiny_lora_qwen2()
+    generator = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 64, (3, 10), generator=generator)
+    lengths = [10, 6, 8]
+    mask = torch.tensor([[1] * n + [0] * (10 - n) for n in lengths])
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    scores = fisher_scores(model, [batch], samples=3)
+    unpadded = [{"input_ids": ids[i : i + 1, :n], "labels": ids[i : i + 1, :n]} for i, n in enumerate(lengths)]
+    expected = _loop_scores(model, unpadded, list(scores), "empirical", 3)
+    for name, score in scores.items():
+        torch.testing.assert_close(score, expected[name], rtol=1e-4, atol=1e-10)

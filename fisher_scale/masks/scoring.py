@@ -132,6 +132,18 @@ class _PerExampleGradients:
         self.fixed = {
             n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in candidates
         }
+        self.causal = any(getattr(m, "is_causal", False) is True for m in model.modules())
+
+    def _per_example(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A padding mask becomes each example's own (T, T) attention mask (causal for decoders): HF's
+        mask construction branches on the mask's values, which ``vmap`` cannot trace."""
+        mask = batch.get("attention_mask")
+        if mask is None or mask.ndim != 2:
+            return batch
+        keys = mask.bool()[:, None, :].expand(-1, mask.shape[1], -1)
+        if self.causal:
+            keys = keys & torch.ones(mask.shape[1], mask.shape[1], dtype=torch.bool, device=mask.device).tril()
+        return {**batch, "attention_mask": keys[:, None]}
 
     def _forward(self, params: dict[str, Tensor], example: dict[str, Tensor]) -> object:
         single = {k: v.unsqueeze(0) for k, v in example.items()}
@@ -141,7 +153,8 @@ class _PerExampleGradients:
         """Σ_i g_i² with g_i the gradient of example i's loss at its true label."""
         if "labels" not in batch:
             raise ValueError("mask scoring needs 'labels' in every batch (the empirical Fisher uses true labels)")
-        grads = vmap(grad(lambda p, example: self._forward(p, example).loss), in_dims=(None, 0))(self.params, batch)
+        loss = grad(lambda p, example: self._forward(p, example).loss)
+        grads = vmap(loss, in_dims=(None, 0))(self.params, self._per_example(batch))
         return {name: g.float().square().sum(0) for name, g in grads.items()}
 
     def expected(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -162,7 +175,7 @@ class _PerExampleGradients:
             (grads,) = vmap(pullback)(-torch.eye(classes))
             return grads
 
-        grads = vmap(per_class, in_dims=(None, 0))(self.params, inputs)
+        grads = vmap(per_class, in_dims=(None, 0))(self.params, self._per_example(inputs))
         return {
             name: (probs.view(*probs.shape, *([1] * (g.ndim - 2))) * g.float().square()).sum((0, 1))
             for name, g in grads.items()

@@ -10,13 +10,15 @@ the EMA is the convex one only (there is no reference code to be "official" to).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
 from fisher_scale.optim.adafisher import FisherOptimizer, _check
 from fisher_scale.optim.curvature import Factor, LayerCurvature
 from fisher_scale.optim.layers import full_numel, full_shape
-from fisher_scale.optim.pieces import Piece, PieceMap
+from fisher_scale.optim.pieces import Piece
 
 
 def kronecker_direction(m: Tensor, out_factor: Factor, in_factor: Factor, damping: float) -> Tensor:
@@ -72,13 +74,14 @@ class AdaFish(FisherOptimizer):
             max_full_dim=max_full_dim,
         )
 
-    def use_pieces(self, pieces: PieceMap) -> None:
-        if len(pieces) > 1:
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        present = {id(t) for group in self.param_groups for t in group["params"]}
+        if any(id(t) not in present for t in self.pieces):
             raise ValueError(
-                "AdaFish under ZeRO needs all trainable parameters in one param group / ZeRO-3 sub-group (its r×r "
-                f"solves need every piece of a layer in the same step call); got {len(pieces)} partitions"
+                "AdaFish needs all trainable parameters in one step() call (one param group, one ZeRO-3 sub-group: "
+                "raise zero_optimization.sub_group_size): its r×r solves need every piece of a LoRA layer"
             )
-        super().use_pieces(pieces)
+        return super().step(closure)
 
     def _directions(self, work: list[tuple[Tensor, Piece]]) -> list[Tensor]:
         """Diagonal layers as AdaFisherW; layers with a full side solved whole, [M_W | m_b] at once (§2).

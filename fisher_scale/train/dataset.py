@@ -1,0 +1,93 @@
+"""The experiment's training set on a worker: features, batches by index, the loss and evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fisher_scale.config import ExperimentConfig
+from fisher_scale.data import (
+    IGNORE_INDEX,
+    collate,
+    glue_classifier_features,
+    glue_lm_features,
+    glue_task,
+    gsm8k_features,
+    load_glue,
+    load_gsm8k,
+)
+
+
+def _glue_name(dataset: str) -> str | None:
+    return dataset.split("/", 1)[1] if dataset.startswith("glue/") else None
+
+
+class TrainingSet:
+    """Tokenised training examples; every rank builds the same list, :class:`StepBatches` picks indices."""
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        from fisher_scale.models import load_tokenizer
+
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.model.name)
+        self.causal = cfg.model.task == "causal_lm"
+        data, task = cfg.data, _glue_name(cfg.data.dataset)
+        source = data.source or str(Path("..") / "shared" / "data" / ("gsm8k" if task is None else "glue"))
+        self.num_labels: int | None = None
+        if task is None:
+            records = load_gsm8k("train", source)[: data.max_train_examples]
+            self.features = [gsm8k_features(r, self.tokenizer, data.max_length) for r in records]
+        else:
+            spec = glue_task(task)
+            records = load_glue(task, "train", source)[: data.max_train_examples]
+            if self.causal:
+                self.features = [glue_lm_features(spec, r, self.tokenizer, data.max_length) for r in records]
+            else:
+                self.num_labels = spec.num_labels
+                self.features = [glue_classifier_features(spec, r, self.tokenizer, data.max_length) for r in records]
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def collate(self, indices: list[int]) -> dict[str, Tensor]:
+        return collate([self.features[i] for i in indices], self.pad_id)
+
+    def target_count(self, batch: dict[str, Tensor]) -> int:
+        """Items the loss averages over: predicted tokens of a causal LM, examples of a classifier."""
+        if self.causal:
+            return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return int(batch["labels"].shape[0])
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor], items: float) -> Tensor:
+        """Sum of the batch's per-item losses divided by ``items`` (not by the batch's own count)."""
+        if self.causal:
+            return model(**batch, num_items_in_batch=items).loss
+        return model(**batch).loss * (self.target_count(batch) / items)
+
+    def scoring_batches(self, rank: int, world: int, per_rank: int) -> Iterator[dict[str, Tensor]]:
+        """FISH scoring examples: rank r scores examples ``[r·n, (r+1)·n)`` of the training set, so the
+        ranks together score the same examples one process would."""
+        first = rank * per_rank
+        chosen = [i % len(self) for i in range(first, first + per_rank)]
+        size = self.cfg.eval.batch_size
+        for start in range(0, len(chosen), size):
+            yield self.collate(chosen[start : start + size])
+
+    def evaluate(self, model: nn.Module, rank: int, world: int) -> dict[str, Any]:
+        """The dataset's metrics on its evaluation split (sharded over ranks), or nothing when disabled."""
+        if not self.cfg.eval.enabled:
+            return {}
+        from fisher_scale.train.evaluation import evaluate_experiment
+
+        model.eval()
+        try:
+            with torch.no_grad():
+                return evaluate_experiment(self.cfg, model, self.tokenizer)
+        finally:
+            model.train()

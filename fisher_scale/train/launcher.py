@@ -1,0 +1,88 @@
+"""``fisher-scale train``: one training job as a Ray Train ``TorchTrainer`` run.
+
+Everything that can be checked is checked before Ray starts; the result lands in
+``train.output_dir`` (the adapter and ``result.json``) so that scripts and sweeps need no MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from fisher_scale.config import ConfigError, ExperimentConfig
+
+
+def check_resources(cfg: ExperimentConfig, available: dict[str, float]) -> None:
+    """Workers must fit the cluster: otherwise Ray would wait forever for a placement group."""
+    dist = cfg.distributed
+    need_cpu = dist.num_workers * dist.cpus_per_worker
+    if need_cpu > available.get("CPU", 0):
+        raise ConfigError(
+            f"distributed.num_workers={dist.num_workers} × cpus_per_worker={dist.cpus_per_worker} needs {need_cpu:g} "
+            f"CPUs; the Ray cluster has {available.get('CPU', 0):g}"
+        )
+    if dist.use_gpu and dist.num_workers > available.get("GPU", 0):
+        raise ConfigError(
+            f"distributed.num_workers={dist.num_workers} with use_gpu needs {dist.num_workers} GPUs; "
+            f"the Ray cluster has {available.get('GPU', 0):g}"
+        )
+
+
+def start_ray(cfg: ExperimentConfig) -> None:
+    """Join ``distributed.address`` or start a local Ray instance (once per process)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    ray.init(address=cfg.distributed.address, log_to_driver=True, configure_logging=False)
+
+
+def trainer(cfg: ExperimentConfig, *, run_name: str | None = None) -> Any:
+    """The ``TorchTrainer`` of one experiment (also what a Tune trial runs)."""
+    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from fisher_scale.train.worker import train_worker
+
+    dist = cfg.distributed
+    storage = str(Path(dist.storage_path).resolve()) if dist.storage_path and "://" not in dist.storage_path else None
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=cfg.model_dump(mode="json"),
+        scaling_config=ScalingConfig(
+            num_workers=dist.num_workers, use_gpu=dist.use_gpu, resources_per_worker={"CPU": dist.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=run_name or cfg.name,
+            storage_path=storage or dist.storage_path,
+            failure_config=FailureConfig(max_failures=dist.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        resume_from_checkpoint=Checkpoint(cfg.train.resume_from) if cfg.train.resume_from else None,
+    )
+
+
+def run_training(cfg: ExperimentConfig, *, run_name: str | None = None) -> dict[str, Any]:
+    """Run one training job and write ``result.json``; returns its content."""
+    import ray
+
+    if cfg.train.resume_from and not (Path(cfg.train.resume_from) / "trainer_state.json").is_file():
+        raise ConfigError(f"train.resume_from: {cfg.train.resume_from} is not a fisher-scale checkpoint directory")
+    start_ray(cfg)
+    check_resources(cfg, ray.cluster_resources())
+    result = trainer(cfg, run_name=run_name).fit()
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    output = Path(cfg.train.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "metrics": result.metrics,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "adapter": str(output / "adapter"),
+        "config": cfg.model_dump(mode="json"),
+    }
+    (output / "result.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary

@@ -1,0 +1,239 @@
+"""The per-worker loop that Ray Train runs: model, DeepSpeed engine with the client optimizer,
+FISH mask, exact token-weighted loss, checkpoints, non-finite guards, metrics and evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fisher_scale.config import ExperimentConfig
+from fisher_scale.masks import MaskSchedule, load_mask, save_mask
+from fisher_scale.optim import FisherOptimizer, build_optimizer, optimizer_state_bytes
+from fisher_scale.train import checkpoint
+from fisher_scale.train.batches import StepBatches
+from fisher_scale.train.dataset import TrainingSet
+from fisher_scale.train.engine import deepspeed_config, init_distributed
+from fisher_scale.train.guard import NonFiniteGuard
+from fisher_scale.train.zero import gathered_parameters, partition_pieces
+
+
+def build_model(cfg: ExperimentConfig, num_labels: int | None) -> nn.Module:
+    """The model to train: the named base model, wrapped with PEFT LoRA when ``peft.enabled``."""
+    from fisher_scale.models import Lora, apply_lora, load_model
+
+    model = load_model(cfg.model.name, task=cfg.model.task, num_labels=num_labels, seed=cfg.seed)
+    if cfg.model.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.peft.enabled:
+        lora = Lora(cfg.peft.rank, cfg.peft.alpha, cfg.peft.dropout, cfg.peft.target_modules)
+        model = apply_lora(model, lora)
+    return model
+
+
+#: receives the metrics of a report step, and a checkpoint directory on checkpoint steps
+Reporter = Callable[[dict[str, Any], Path | None], None]
+
+
+class Run:
+    """One worker's training state; :meth:`train` is the loop.
+
+    Ray Train runs it through :func:`train_worker`; tests run it in plain ``torch.distributed``
+    processes, passing their own ``reporter`` and checkpoint to resume from.
+    """
+
+    def __init__(
+        self, cfg: ExperimentConfig, rank: int, world: int, *, reporter: Reporter, restored: Path | None = None
+    ) -> None:
+        import deepspeed
+
+        self.cfg, self.rank, self.world, self.reporter = cfg, rank, world, reporter
+        init_distributed(cfg.distributed.use_gpu)
+        torch.manual_seed(cfg.seed)
+        self.data = TrainingSet(cfg)
+        self.model = build_model(cfg, self.data.num_labels)
+        self.start_step = 0
+        if restored is not None:
+            checkpoint.load_weights(restored / "adapter", self.model)
+        self.optimizer = build_optimizer(cfg.optimizer.name, self.model, **cfg.optimizer.hyperparameters(cfg.lr))
+        if isinstance(self.optimizer, FisherOptimizer):
+            # each rank's loss is scaled by the number of ranks (DeepSpeed averages gradients), and so are its
+            # output gradients: divide it out of the Fisher statistics
+            self.optimizer.curvature.output_grad_scale = float(world)
+            self.optimizer.curvature.nonfinite = "skip" if cfg.train.skip_nonfinite else "raise"
+        self.engine, *_ = deepspeed.initialize(
+            model=self.model, optimizer=self.optimizer, config=deepspeed_config(cfg, world)
+        )
+        self.pieces = partition_pieces(self.engine, self.model)
+        if isinstance(self.optimizer, FisherOptimizer):
+            self.optimizer.use_pieces(self.pieces)
+        self.guard = NonFiniteGuard(self.optimizer, self.pieces, skip=cfg.train.skip_nonfinite)
+        self.batches = StepBatches(
+            len(self.data), cfg.data.batch_size, cfg.data.gradient_accumulation_steps, world, cfg.seed
+        )
+        self.mask = self._mask_schedule()
+        self.history: dict[str, Any] = {"skipped_steps": 0}
+        if restored is not None:
+            self._restore(restored)
+
+    def _mask_schedule(self) -> MaskSchedule | None:
+        mask = self.cfg.mask
+        if not mask.enabled:
+            return None
+        per_rank = max(1, mask.samples // self.world)
+        return MaskSchedule(
+            self.model,
+            self.optimizer,
+            lambda: self.data.scoring_batches(self.rank, self.world, per_rank),
+            target=mask.target,
+            ratio=mask.ratio,
+            samples=per_rank,
+            variant=mask.variant,
+            warmup_steps=mask.warmup_steps,
+            refresh_every=mask.refresh_every,
+            head=mask.head,
+            pieces=self.pieces,
+        )
+
+    def _restore(self, directory: Path) -> None:
+        state = checkpoint.read_state(directory)
+        self.start_step = int(state["step"])
+        self.history = state["history"]
+        checkpoint.load_optimizer(directory, self.rank, self.world, self.optimizer, self.pieces)
+        if self.mask is not None and (directory / "mask.safetensors").is_file():
+            self.mask.restore(load_mask(directory / "mask.safetensors", self.model))
+
+    def _lr(self, step: int) -> float:
+        warmup = self.cfg.train.warmup_steps
+        return self.cfg.lr * min(1.0, (step + 1) / warmup) if warmup else self.cfg.lr
+
+    def _micro_batches(self, step: int) -> list[dict[str, Tensor]]:
+        return [
+            self.data.collate(self.batches.indices(step, self.rank, micro))
+            for micro in range(self.cfg.data.gradient_accumulation_steps)
+        ]
+
+    def _step(self, step: int) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches, with the loss normalised by the step's
+        global number of target items, so that any split over ranks and micro-batches gives the same gradient."""
+        started = time.perf_counter()
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = self._lr(step)
+        micro_batches = self._micro_batches(step)
+        counts = torch.tensor([float(sum(self.data.target_count(b) for b in micro_batches))])
+        torch.distributed.all_reduce(counts)
+        items = float(counts[0])
+        if items == 0:
+            raise ValueError(f"optimizer step {step} has no target token left after truncation: raise data.max_length")
+        loss_sum = torch.zeros(1)
+        for batch in micro_batches:
+            loss = self.data.loss(self.engine, batch, items / self.world)
+            loss_sum += loss.detach() * items / self.world
+            self.guard.check_loss(loss, step)
+            self.engine.backward(loss, scale_wrt_gas=False)
+            self.engine.step()
+        torch.distributed.all_reduce(loss_sum)
+        elapsed = time.perf_counter() - started
+        tokens = torch.tensor([float(sum(int(b["attention_mask"].sum()) for b in micro_batches))])
+        torch.distributed.all_reduce(tokens)
+        return {
+            "loss": float(loss_sum[0]) / items / self.world,
+            "lr": self._lr(step),
+            "step_time_s": elapsed,
+            "tokens_per_s": float(tokens[0]) / elapsed,
+        }
+
+    def _metrics(self, step: int, window: list[dict[str, float]]) -> dict[str, Any]:
+        metrics: dict[str, Any] = {key: statistics.fmean(m[key] for m in window) for key in window[0]}
+        metrics["loss"] = window[-1]["loss"]
+        metrics["step"] = step + 1
+        metrics["optimizer_state_bytes_per_rank"] = optimizer_state_bytes(self.optimizer)
+        metrics["skipped_steps"] = self.history["skipped_steps"] + self.guard.skipped
+        if isinstance(self.optimizer, FisherOptimizer):
+            contrast = list(self.optimizer.curvature_contrast().values())
+            if contrast:
+                metrics["curvature_contrast/median"] = statistics.median(contrast)
+                metrics["curvature_contrast/max"] = max(contrast)
+        if self.mask is not None and self.mask.report:
+            metrics.update({f"mask/{k}": v for k, v in self.mask.report.items() if not k.startswith("kept/param/")})
+        return metrics
+
+    def train(self) -> None:
+        cfg = self.cfg.train
+        window: list[dict[str, float]] = []
+        for step in range(self.start_step, cfg.steps):
+            if self.mask is not None:
+                self.mask.before_step(step)
+            window.append(self._step(step))
+            last = step == cfg.steps - 1
+            evaluate = last or (self.cfg.eval.every and (step + 1) % self.cfg.eval.every == 0)
+            save = last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
+            if not (save or evaluate or (step + 1) % cfg.log_every == 0):
+                continue
+            metrics = self._metrics(step, window)
+            window = []
+            if evaluate:
+                metrics.update(self.data.evaluate(self.engine.module, self.rank, self.world))
+            if save:
+                with tempfile.TemporaryDirectory() as tmp:
+                    self._save(Path(tmp), step + 1, metrics)
+                    self.reporter(metrics, Path(tmp))
+            else:
+                self.reporter(metrics, None)
+        self._save_output()
+
+    def _save(self, directory: Path, next_step: int, metrics: dict[str, Any]) -> None:
+        history = {"skipped_steps": self.history["skipped_steps"] + self.guard.skipped}
+        with gathered_parameters(self.model):
+            if self.rank == 0:
+                checkpoint.save_weights(directory / "adapter", self.model)
+        checkpoint.save_optimizer(directory, self.rank, self.optimizer, self.pieces)
+        if self.rank == 0:
+            if self.mask is not None and self.mask.mask is not None:
+                save_mask(self.mask.mask, directory / "mask.safetensors")
+            checkpoint.write_state(
+                directory,
+                {
+                    "step": next_step,
+                    "workers": self.world,
+                    "history": history,
+                    "metrics": {k: v for k, v in metrics.items() if _is_number(v)},
+                },
+            )
+
+    def _save_output(self) -> None:
+        output = Path(self.cfg.train.output_dir)
+        with gathered_parameters(self.model):
+            if self.rank == 0:
+                checkpoint.save_weights(output / "adapter", self.model)
+                if self.mask is not None and self.mask.mask is not None:
+                    save_mask(self.mask.mask, output / "mask.safetensors")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``: resumes from Ray's latest checkpoint, reports to Ray."""
+    import ray.train
+
+    def report(metrics: dict[str, Any], directory: Path | None) -> None:
+        checkpoint_ = ray.train.Checkpoint.from_directory(directory) if directory else None
+        ray.train.report(metrics, checkpoint=checkpoint_)
+
+    context = ray.train.get_context()
+    restored = ray.train.get_checkpoint()
+    with contextlib.ExitStack() as stack:
+        directory = Path(stack.enter_context(restored.as_directory())) if restored else None
+        cfg = ExperimentConfig.model_validate(config)
+        run = Run(cfg, context.get_world_rank(), context.get_world_size(), reporter=report, restored=directory)
+    run.train()

@@ -1,0 +1,61 @@
+"""Run training jobs in plain ``torch.distributed`` processes (gloo), without Ray: the distributed
+numerics tests compare N-rank runs with 1-rank runs this way, many configurations per process group."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, dict[str, Any], str | None]], out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from fisher_scale.config import ExperimentConfig
+    from fisher_scale.train.worker import Run
+
+    try:
+        for name, config, restore in jobs:
+            reports: list[dict[str, Any]] = []
+
+            def reporter(metrics: dict[str, Any], directory: Path | None, name: str = name) -> None:
+                reports.append(metrics)
+                if directory is not None and rank == 0:
+                    import shutil
+
+                    shutil.copytree(directory, Path(out) / f"{name}-checkpoint-{metrics['step']}", dirs_exist_ok=True)
+                torch.distributed.barrier()
+
+            cfg = ExperimentConfig.model_validate(config)
+            Run(cfg, rank, world, reporter=reporter, restored=Path(restore) if restore else None).train()
+            if rank == 0:
+                torch.save(reports, Path(out) / f"{name}-reports.pt")
+            torch.distributed.barrier()
+    except BaseException:
+        (Path(out) / f"error-rank{rank}.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_jobs(world: int, jobs: list[tuple[str, dict[str, Any], str | None]], out: Path) -> None:
+    """Each job: (name, config dict, checkpoint directory to resume from or None)."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        mp.spawn(_worker, args=(world, free_port(), jobs, str(out)), nprocs=world, join=True)
+    except Exception as error:
+        details = "\n".join(p.read_text() for p in sorted(out.glob("error-rank*.txt")))
+        raise AssertionError(f"distributed jobs failed:\n{details}") from error

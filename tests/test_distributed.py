@@ -1,0 +1,74 @@
+"""DeepSpeed ZeRO with sharded Fisher state: 2 ranks at batch b end where 1 rank at batch 2b ends.
+
+Runs in plain gloo process groups (tests/multiprocess.py): every configuration of the matrix shares
+one 2-process group and one 1-process group, so the 40 runs cost about as much as a few Ray fits.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .multiprocess import run_jobs
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+pytestmark = pytest.mark.skipif(not (DATA / "glue").is_dir(), reason=f"needs the offline GLUE copy in {DATA}")
+
+OPTIMIZER_LR = {"adamw": 1e-2, "adafisher": 1e-3, "adafisherw": 1e-3, "adafish": 0.3}
+
+
+def experiment(name: str, out: Path, **changes: object) -> dict:
+    config = {
+        "seed": 0,
+        "model": {"name": "tiny"},
+        "peft": {"rank": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+        "data": {"dataset": "glue/sst2", "source": str(DATA / "glue"), "max_length": 64, "max_train_examples": 64},
+        "train": {"steps": 20, "log_every": 10, "output_dir": str(out / name)},
+        "eval": {"enabled": False},
+        "distributed": {"deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
+    }
+    for dotted, value in changes.items():
+        node = config
+        *parents, leaf = dotted.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = copy.deepcopy(value)
+    return config
+
+
+def adapter(out: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(out / name / "adapter" / "adapter_model.safetensors"))
+
+
+def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in a)
+
+
+def test_two_ranks_equal_one_rank_for_every_stage_optimizer_and_mask(tmp_path: Path) -> None:
+    references, distributed = [], []
+    for optimizer, lr in OPTIMIZER_LR.items():
+        for mask in (False, True):
+            common = {"lr": lr, "optimizer__name": optimizer,
+                      "mask": {"enabled": mask, "ratio": 0.3, "samples": 8, "warmup_steps": 2}}
+            tag = f"{optimizer}-mask{int(mask)}"
+            references.append((f"{tag}-ref", experiment(f"{tag}-ref", tmp_path, data__batch_size=4, **common), None))
+            for stage in range(3 if mask else 4):  # masks under ZeRO-3: not supported (a config error)
+                name = f"{tag}-zero{stage}"
+                distributed.append((name, experiment(name, tmp_path, data__batch_size=2,
+                                                     distributed__zero_stage=stage, **common), None))
+    run_jobs(1, references, tmp_path)
+    run_jobs(2, distributed, tmp_path)
+    failures = []
+    for name, _, _ in distributed:
+        reference = adapter(tmp_path, name.rsplit("-", 1)[0] + "-ref")
+        difference = max_relative_difference(adapter(tmp_path, name), reference)
+        initial_change = max(float(v.abs().max()) for k, v in reference.items() if "lora_B" in k)
+        assert initial_change > 0, f"{name}: training did not move LoRA B"
+        if difference > 1e-4:
+            failures.append(f"{name}: {difference:.2e}")
+    assert not failures, failures

@@ -1,0 +1,75 @@
+"""``fisher-scale train`` through Ray Train: outputs, metrics, and recovery from a killed worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fisher_scale.config import build_config
+from fisher_scale.train.launcher import run_training
+
+from .test_distributed import DATA, adapter, experiment, max_relative_difference
+
+pytestmark = pytest.mark.skipif(not (DATA / "glue").is_dir(), reason=f"needs the offline GLUE copy in {DATA}")
+
+
+def _config(tmp_path: Path, name: str, **changes: object):
+    tree = experiment(name, tmp_path, **changes)
+    tree["name"] = name
+    tree["distributed"]["storage_path"] = str(tmp_path / "ray")
+    return build_config(tree)
+
+
+def test_two_worker_run_writes_adapter_result_and_metrics(ray_session: None, tmp_path: Path) -> None:
+    cfg = _config(tmp_path, "fit", lr=1e-3, data__batch_size=2, train__steps=6, train__log_every=3,
+                  distributed__num_workers=2, distributed__zero_stage=2,
+                  mask={"enabled": True, "ratio": 0.5, "samples": 8, "warmup_steps": 2})
+    summary = run_training(cfg)
+    result = json.loads((tmp_path / "fit" / "result.json").read_text())
+    assert result["config"]["distributed"]["zero_stage"] == 2 and result["metrics"]["step"] == 6
+    for key in ("loss", "lr", "tokens_per_s", "step_time_s", "optimizer_state_bytes_per_rank",
+                "curvature_contrast/median", "mask/kept/all", "mask/kept/lora_A", "skipped_steps"):
+        assert key in summary["metrics"], key
+    assert summary["metrics"]["mask/kept/all"] == pytest.approx(0.5, abs=0.01)
+    assert (tmp_path / "fit" / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "fit" / "mask.safetensors").is_file()
+
+
+def _kill_a_worker_after_first_checkpoint(storage: Path, done: threading.Event) -> list[int]:
+    killed: list[int] = []
+    while not done.is_set():
+        if any(storage.glob("**/checkpoint_*/trainer_state.json")):
+            workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+            if workers:
+                os.kill(workers[-1].pid, signal.SIGKILL)
+                killed.append(workers[-1].pid)
+                return killed
+        time.sleep(0.2)
+    return killed
+
+
+def test_killed_worker_is_replaced_and_training_resumes_exactly(ray_session: None, tmp_path: Path) -> None:
+    changes = {"lr": 1e-3, "data__batch_size": 2, "train__steps": 12, "train__checkpoint_every": 4,
+               "distributed__num_workers": 2, "distributed__zero_stage": 1, "distributed__max_failures": 1}
+    uninterrupted = run_training(_config(tmp_path, "steady", **changes))
+    done = threading.Event()
+    killed: list[int] = []
+    watcher = threading.Thread(
+        target=lambda: killed.extend(_kill_a_worker_after_first_checkpoint(tmp_path / "ray" / "crash", done))
+    )
+    watcher.start()
+    try:
+        crashed = run_training(_config(tmp_path, "crash", **changes))
+    finally:
+        done.set()
+        watcher.join()
+    assert killed, "no worker was killed: the test did not exercise recovery"
+    assert crashed["metrics"]["step"] == uninterrupted["metrics"]["step"] == 12
+    assert max_relative_difference(adapter(tmp_path, "crash"), adapter(tmp_path, "steady")) < 1e-6
