@@ -76,6 +76,34 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace, console: Console) -> int:
+    from fisher_scale.config import load_config
+    from fisher_scale.models import load_tokenizer
+    from fisher_scale.train.checkpoint import load_weights
+    from fisher_scale.train.dataset import TrainingSet
+    from fisher_scale.train.evaluation import evaluate_experiment
+    from fisher_scale.train.worker import build_model
+
+    cfg = load_config(args.config, args.set)
+    checkpoint = args.checkpoint / "adapter" if (args.checkpoint / "adapter").is_dir() else args.checkpoint
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"--checkpoint: no adapter directory at {args.checkpoint}")
+    num_labels = TrainingSet.label_count(cfg)
+    model = build_model(cfg, num_labels)
+    load_weights(checkpoint, model)
+    model.eval()
+    metrics = evaluate_experiment(cfg, model, load_tokenizer(cfg.model.name))
+    table = Table(title=f"{cfg.data.dataset}: {checkpoint}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in sorted(metrics.items()):
+        table.add_row(key, f"{value:.6g}")
+    console.print(table)
+    if args.json:
+        args.json.write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fisher_scale.demo import default_data_dir
 
@@ -106,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config key, e.g. --set optimizer.damping=1e-3 (repeatable)",
     )
     train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a saved adapter on the config's dataset (GSM8K / GLUE)")
+    evaluate.add_argument("config", type=Path, help="the experiment YAML the adapter was trained with")
+    evaluate.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="an adapter directory, a run's output_dir or a checkpoint directory",
+    )
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    evaluate.add_argument("--json", type=Path, help="also write the metrics as JSON here")
+    evaluate.set_defaults(run=_eval)
     return parser
 
 

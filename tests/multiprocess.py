@@ -20,8 +20,14 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, dict[str, Any], str | None]], out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     from fisher_scale.config import ExperimentConfig
@@ -31,7 +37,9 @@ def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, dict[str, An
         for name, config, restore in jobs:
             reports: list[dict[str, Any]] = []
 
-            def reporter(metrics: dict[str, Any], directory: Path | None, name: str = name) -> None:
+            def reporter(
+                metrics: dict[str, Any], directory: Path | None, name: str = name, reports: list = reports
+            ) -> None:
                 reports.append(metrics)
                 if directory is not None and rank == 0:
                     import shutil

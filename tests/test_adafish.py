@@ -93,7 +93,8 @@ def test_full_factor_eigendecomposition_is_scaled_by_mean_diagonal() -> None:
     generator = torch.Generator().manual_seed(2)
     p = _random_psd(4, generator).float()
     values, vectors = full_factor(p)
-    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, p / p.diagonal().mean(), atol=1e-5, rtol=1e-5)
+    rebuilt = (vectors @ torch.diag(values) @ vectors.T).float()
+    torch.testing.assert_close(rebuilt, p / p.diagonal().mean(), atol=1e-5, rtol=1e-5)
 
 
 def test_peft_lora_layers_get_full_rank_sides() -> None:

@@ -18,7 +18,15 @@ from .multiprocess import run_jobs
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 pytestmark = pytest.mark.skipif(not (DATA / "glue").is_dir(), reason=f"needs the offline GLUE copy in {DATA}")
 
-OPTIMIZER_LR = {"adamw": 1e-2, "adafisher": 1e-3, "adafisherw": 1e-3, "adafish": 0.3}
+# AdaFish solves (D ⊗ P + λI) x = m in the factors' eigenbases: with λ = 1e-3 that system has condition ~1/λ and
+# turns fp32 rounding of the gradient sum (which the number of ranks changes) into ~1e-4 differences; λ = 0.1
+# keeps the comparison at float precision. AdamW's m/√v likewise amplifies rounding at lr 1e-2.
+OPTIMIZERS = {
+    "adamw": {"lr": 1e-3},
+    "adafisher": {"lr": 1e-3},
+    "adafisherw": {"lr": 1e-3},
+    "adafish": {"lr": 0.3, "optimizer__damping": 0.1},
+}
 
 
 def experiment(name: str, out: Path, **changes: object) -> dict:
@@ -51,16 +59,24 @@ def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tenso
 
 def test_two_ranks_equal_one_rank_for_every_stage_optimizer_and_mask(tmp_path: Path) -> None:
     references, distributed = [], []
-    for optimizer, lr in OPTIMIZER_LR.items():
+    for optimizer, settings in OPTIMIZERS.items():
         for mask in (False, True):
-            common = {"lr": lr, "optimizer__name": optimizer,
-                      "mask": {"enabled": mask, "ratio": 0.3, "samples": 8, "warmup_steps": 2}}
+            common = {
+                **settings,
+                "optimizer__name": optimizer,
+                "mask": {"enabled": mask, "ratio": 0.3, "samples": 8, "warmup_steps": 2},
+            }
             tag = f"{optimizer}-mask{int(mask)}"
             references.append((f"{tag}-ref", experiment(f"{tag}-ref", tmp_path, data__batch_size=4, **common), None))
             for stage in range(3 if mask else 4):  # masks under ZeRO-3: not supported (a config error)
                 name = f"{tag}-zero{stage}"
-                distributed.append((name, experiment(name, tmp_path, data__batch_size=2,
-                                                     distributed__zero_stage=stage, **common), None))
+                distributed.append(
+                    (
+                        name,
+                        experiment(name, tmp_path, data__batch_size=2, distributed__zero_stage=stage, **common),
+                        None,
+                    )
+                )
     run_jobs(1, references, tmp_path)
     run_jobs(2, distributed, tmp_path)
     failures = []

@@ -28,14 +28,31 @@ def _config(tmp_path: Path, name: str, **changes: object):
 
 
 def test_two_worker_run_writes_adapter_result_and_metrics(ray_session: None, tmp_path: Path) -> None:
-    cfg = _config(tmp_path, "fit", lr=1e-3, data__batch_size=2, train__steps=6, train__log_every=3,
-                  distributed__num_workers=2, distributed__zero_stage=2,
-                  mask={"enabled": True, "ratio": 0.5, "samples": 8, "warmup_steps": 2})
+    cfg = _config(
+        tmp_path,
+        "fit",
+        lr=1e-3,
+        data__batch_size=2,
+        train__steps=6,
+        train__log_every=3,
+        distributed__num_workers=2,
+        distributed__zero_stage=2,
+        mask={"enabled": True, "ratio": 0.5, "samples": 8, "warmup_steps": 2},
+    )
     summary = run_training(cfg)
     result = json.loads((tmp_path / "fit" / "result.json").read_text())
     assert result["config"]["distributed"]["zero_stage"] == 2 and result["metrics"]["step"] == 6
-    for key in ("loss", "lr", "tokens_per_s", "step_time_s", "optimizer_state_bytes_per_rank",
-                "curvature_contrast/median", "mask/kept/all", "mask/kept/lora_A", "skipped_steps"):
+    for key in (
+        "loss",
+        "lr",
+        "tokens_per_s",
+        "step_time_s",
+        "optimizer_state_bytes_per_rank",
+        "curvature_contrast/median",
+        "mask/kept/all",
+        "mask/kept/lora_A",
+        "skipped_steps",
+    ):
         assert key in summary["metrics"], key
     assert summary["metrics"]["mask/kept/all"] == pytest.approx(0.5, abs=0.01)
     assert (tmp_path / "fit" / "adapter" / "adapter_config.json").is_file()
@@ -46,7 +63,9 @@ def _kill_a_worker_after_first_checkpoint(storage: Path, done: threading.Event) 
     killed: list[int] = []
     while not done.is_set():
         if any(storage.glob("**/checkpoint_*/trainer_state.json")):
-            workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+            workers = [
+                p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+            ]
             if workers:
                 os.kill(workers[-1].pid, signal.SIGKILL)
                 killed.append(workers[-1].pid)
@@ -56,8 +75,15 @@ def _kill_a_worker_after_first_checkpoint(storage: Path, done: threading.Event) 
 
 
 def test_killed_worker_is_replaced_and_training_resumes_exactly(ray_session: None, tmp_path: Path) -> None:
-    changes = {"lr": 1e-3, "data__batch_size": 2, "train__steps": 12, "train__checkpoint_every": 4,
-               "distributed__num_workers": 2, "distributed__zero_stage": 1, "distributed__max_failures": 1}
+    changes = {
+        "lr": 1e-3,
+        "data__batch_size": 2,
+        "train__steps": 12,
+        "train__checkpoint_every": 4,
+        "distributed__num_workers": 2,
+        "distributed__zero_stage": 1,
+        "distributed__max_failures": 1,
+    }
     uninterrupted = run_training(_config(tmp_path, "steady", **changes))
     done = threading.Event()
     killed: list[int] = []

@@ -15,17 +15,32 @@ pytestmark = pytest.mark.skipif(not (DATA / "glue").is_dir(), reason=f"needs the
 
 
 @pytest.mark.parametrize("optimizer,lr,stage", [("adafisher", 1e-3, 2), ("adamw", 1e-2, 3)])
-def test_resume_equals_uninterrupted_also_from_two_workers_to_one(tmp_path: Path, optimizer: str, lr: float,
-                                                                   stage: int) -> None:
-    common = {"lr": lr, "optimizer__name": optimizer, "train__steps": 8, "train__checkpoint_every": 4,
-              "distributed__zero_stage": stage}
+def test_resume_equals_uninterrupted_also_from_two_workers_to_one(
+    tmp_path: Path, optimizer: str, lr: float, stage: int
+) -> None:
+    common = {
+        "lr": lr,
+        "optimizer__name": optimizer,
+        "train__steps": 8,
+        "train__checkpoint_every": 4,
+        "distributed__zero_stage": stage,
+    }
     run_jobs(2, [("whole", experiment("whole", tmp_path, data__batch_size=2, **common), None)], tmp_path)
     checkpoint = tmp_path / "whole-checkpoint-4"
     assert (checkpoint / "adapter" / "adapter_config.json").is_file()
     assert {p.name for p in checkpoint.glob("optimizer.rank*.pt")} == {"optimizer.rank0.pt", "optimizer.rank1.pt"}
     # the same global batch on one worker (ZeRO 0) and on two (the same stage) from the step-4 checkpoint
-    run_jobs(1, [("one", experiment("one", tmp_path, data__batch_size=4, **{**common, "distributed__zero_stage": 0}),
-                  str(checkpoint))], tmp_path)
+    run_jobs(
+        1,
+        [
+            (
+                "one",
+                experiment("one", tmp_path, data__batch_size=4, **{**common, "distributed__zero_stage": 0}),
+                str(checkpoint),
+            )
+        ],
+        tmp_path,
+    )
     run_jobs(2, [("two", experiment("two", tmp_path, data__batch_size=2, **common), str(checkpoint))], tmp_path)
     whole = adapter(tmp_path, "whole")
     assert max_relative_difference(adapter(tmp_path, "two"), whole) < 1e-6
@@ -36,8 +51,7 @@ def test_resume_equals_uninterrupted_also_from_two_workers_to_one(tmp_path: Path
 
 def test_nonfinite_loss_stops_with_the_step_or_is_skipped_exactly(tmp_path: Path) -> None:
     """A learning rate of 1e30 drives the loss to inf within a few steps."""
-    common = {"lr": 1e30, "optimizer__name": "adamw", "train__steps": 6, "train__log_every": 6,
-              "data__batch_size": 2}
+    common = {"lr": 1e30, "optimizer__name": "adamw", "train__steps": 6, "train__log_every": 6, "data__batch_size": 2}
     with pytest.raises(AssertionError, match=r"FloatingPointError: non-finite (loss|gradient).* at optimizer step \d"):
         run_jobs(2, [("fail", experiment("fail", tmp_path, **common), None)], tmp_path)
     run_jobs(2, [("skip", experiment("skip", tmp_path, train__skip_nonfinite=True, **common), None)], tmp_path)

@@ -70,7 +70,7 @@ def test_config_file_errors_name_file_and_key(tmp_path) -> None:
         load_config(typo, ["optimizer.name=sgd"])
     text = str(error.value)
     assert "optimizer.dampng: unknown key" in text and "distributed.zero_stage" in text and "optimizer.name" in text
-    with pytest.raises(ConfigError, match="adafish needs peft.enabled=true"):
+    with pytest.raises(ConfigError, match=r"adafish needs peft\.enabled=true"):
         build_config({"optimizer": {"name": "adafish"}, "peft": {"enabled": False}})
     with pytest.raises(ConfigError, match="--set expects key=value"):
         build_config({}, ["lr"])

@@ -99,7 +99,8 @@ def fisher_scores(
         raise ValueError(f"mask.samples must be an integer >= 1, got {samples!r}")
     candidates, _ = candidate_parameters(model, target, head)
     scorer = _PerExampleGradients(model, candidates)
-    scores = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in candidates.items()}
+    # fp64 sums: the selection's top-k must not depend on the order examples were added in (batches, ranks)
+    scores = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in candidates.items()}
     was_training = model.training
     model.eval()
     seen = 0
@@ -120,7 +121,7 @@ def fisher_scores(
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         for score in scores.values():
             torch.distributed.all_reduce(score)
-    return scores
+    return {n: s.float() for n, s in scores.items()}
 
 
 class _PerExampleGradients:
@@ -155,7 +156,7 @@ class _PerExampleGradients:
             raise ValueError("mask scoring needs 'labels' in every batch (the empirical Fisher uses true labels)")
         loss = grad(lambda p, example: self._forward(p, example).loss)
         grads = vmap(loss, in_dims=(None, 0))(self.params, self._per_example(batch))
-        return {name: g.float().square().sum(0) for name, g in grads.items()}
+        return {name: g.double().square().sum(0) for name, g in grads.items()}
 
     def expected(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Σ_i Σ_c p(c|x_i)·g_ic², one forward and one pullback per class for each example."""
@@ -177,6 +178,6 @@ class _PerExampleGradients:
 
         grads = vmap(per_class, in_dims=(None, 0))(self.params, self._per_example(inputs))
         return {
-            name: (probs.view(*probs.shape, *([1] * (g.ndim - 2))) * g.float().square()).sum((0, 1))
+            name: (probs.double().view(*probs.shape, *([1] * (g.ndim - 2))) * g.double().square()).sum((0, 1))
             for name, g in grads.items()
         }

@@ -29,6 +29,8 @@ def kronecker_direction(m: Tensor, out_factor: Factor, in_factor: Factor, dampin
     ``M / F̃``.
     """
     (out_values, out_vectors), (in_values, in_vectors) = out_factor, in_factor
+    dtype = m.dtype
+    m = m.to(torch.promote_types(torch.promote_types(dtype, out_values.dtype), in_values.dtype))
     if out_vectors is not None:
         m = out_vectors.T @ m
     if in_vectors is not None:
@@ -38,7 +40,7 @@ def kronecker_direction(m: Tensor, out_factor: Factor, in_factor: Factor, dampin
         m = m @ in_vectors.T
     if out_vectors is not None:
         m = out_vectors @ m
-    return m
+    return m.to(dtype)
 
 
 class AdaFish(FisherOptimizer):
@@ -108,7 +110,7 @@ class AdaFish(FisherOptimizer):
         for tensor, piece in work:
             if id(piece.param) in in_full:
                 blocks[id(piece.param)][piece.start : piece.end] = piece.of(self.state[tensor]["exp_avg"])
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if self.partitioned and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             packed = torch.cat(list(blocks.values()))
             torch.distributed.all_reduce(packed)
             blocks = dict(zip(blocks, packed.split([b.numel() for b in blocks.values()]), strict=True))

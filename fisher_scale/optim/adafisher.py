@@ -102,11 +102,15 @@ class FisherOptimizer(torch.optim.Optimizer):
             slot.param: (layer, slot) for layer in self.curvature.layers.values() for slot in layer.slots
         }
         self.pieces: PieceMap = whole_parameters(model)
+        #: whether ranks hold disjoint pieces (ZeRO partitions) rather than whole replicated parameters
+        self.partitioned = False
         self._pending: set[int] = set()  # tensors not yet stepped in this optimizer step
 
     def use_pieces(self, pieces: PieceMap) -> None:
-        """Optimise the tensors a ZeRO optimizer hands over instead of the parameters (see ``optim.pieces``)."""
+        """Optimise the ZeRO partitions a DeepSpeed engine hands over (disjoint across ranks) instead of
+        the parameters (see ``optim.pieces``)."""
         self.pieces = pieces
+        self.partitioned = True
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:

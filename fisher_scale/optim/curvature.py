@@ -39,10 +39,11 @@ def diagonal_factor(x: Tensor) -> Factor:
 
 def full_factor(x: Tensor) -> Factor:
     """A full factor divided by its mean diagonal (both sides O(1), §2), in its eigenbasis."""
+    x = x.double()
     mean_diag = x.diagonal().mean()
     x = x / mean_diag if mean_diag > 0 else x
-    values, vectors = torch.linalg.eigh(x.double())
-    return values.clamp_min(0).to(x.dtype), vectors.to(x.dtype)
+    values, vectors = torch.linalg.eigh(x)
+    return values.clamp_min(0), vectors
 
 
 @dataclass(eq=False)
@@ -105,6 +106,9 @@ class CurvatureTracker:
         self.output_grad_scale = 1.0
         #: "raise" on a non-finite statistic, or "skip" the step's statistics
         self.nonfinite = "raise"
+        #: the current batch's attention mask (batch, tokens), set by a training loop: layers whose rows are
+        #: tokens then count real tokens only, so padding never depends on how examples were batched
+        self.token_mask: Tensor | None = None
         self.layers: dict[str, LayerCurvature] = {}
         self._by_module: dict[nn.Module, LayerCurvature] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -144,15 +148,24 @@ class CurvatureTracker:
         if torch._C._functorch.is_functorch_wrapped_tensor(output):
             return  # inside a torch.func transform (e.g. per-example FISH scoring): not a training step
         state = self._by_module[layer]
-        h_stat = state.rule.input_stat(layer, args[0].detach(), state.full_in)
+        h = args[0].detach()
+        keep = self._kept_tokens(state.rule, h)
+        h_stat = state.rule.input_stat(layer, h if keep is None else h[keep], state.full_in)
 
         def on_output_grad(grad: Tensor) -> None:
-            grad = grad.detach()
+            grad = grad.detach() if keep is None else grad.detach()[keep]
             if self.output_grad_scale != 1.0:
                 grad = grad / self.output_grad_scale
             state.add(h_stat, state.rule.output_stat(layer, grad, state.full_out))
 
         output.register_hook(on_output_grad)
+
+    def _kept_tokens(self, rule: LayerRule, h: Tensor) -> Tensor | None:
+        """The boolean token mask to select this input's rows with, if it applies."""
+        mask, dims = self.token_mask, rule.input_feature_dims
+        if mask is None or dims is None or tuple(h.shape[: h.ndim - dims]) != tuple(mask.shape):
+            return None
+        return mask.bool()
 
     def fold(self) -> None:
         """Fold this step's fresh statistics into the EMA (on curvature steps) and refresh F̃'s factors.
@@ -198,12 +211,12 @@ class CurvatureTracker:
         if seen[0] != -seen[1]:
             raise RuntimeError("ranks collected Fisher statistics for different sets of layers in the same step")
         parts = [t.reshape(-1) for s in live for t in (s.acc_in, s.acc_out)]
-        packed = torch.cat([*parts, torch.tensor([s.weight for s in live], dtype=parts[0].dtype if parts else None)])
+        packed = torch.cat([*(p.double() for p in parts), torch.tensor([s.weight for s in live], dtype=torch.float64)])
         dist.all_reduce(packed)
         chunks = packed.split([p.numel() for p in parts] + [len(live)])
         for i, state in enumerate(live):
-            state.acc_in = chunks[2 * i].view_as(state.acc_in)
-            state.acc_out = chunks[2 * i + 1].view_as(state.acc_out)
+            state.acc_in = chunks[2 * i].view_as(state.acc_in).to(state.acc_in.dtype)
+            state.acc_out = chunks[2 * i + 1].view_as(state.acc_out).to(state.acc_out.dtype)
             state.weight = float(chunks[-1][i])
 
     def _refresh(self, state: LayerCurvature) -> None:

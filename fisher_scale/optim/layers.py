@@ -61,9 +61,17 @@ Stat = tuple[Tensor, float]
 
 
 def _row_moment(rows: Tensor, full: bool) -> Tensor:
-    """Σ_rows r² (diagonal) or Σ_rows r rᵀ (full), in fp32."""
-    rows = rows.float()
-    return rows.T @ rows if full else rows.square().sum(0)
+    """Σ_rows r² (diagonal, fp32) or Σ_rows r rᵀ (full, fp64).
+
+    A full factor's small eigenvalues carry absolute errors of the order of its largest entry times
+    the precision; next to a damping of 1e-3, fp32 would make them (and the update) depend on the
+    order in which rows were summed, e.g. on the number of ranks. The matrices are at most
+    ``max_full_dim`` wide, so fp64 costs little.
+    """
+    if full:
+        rows = rows.double()
+        return rows.T @ rows
+    return rows.float().square().sum(0)
 
 
 def _with_ones(rows: Tensor, bias: bool) -> Tensor:
@@ -76,6 +84,9 @@ class LayerRule:
     #: the layer is a matrix [W | b] whose factors are second moments of rows, so AdaFish may keep
     #: a small side as a full matrix; other layers' factors are diagonal only
     allows_full: ClassVar[bool] = True
+    #: trailing feature dims of the layer's input when its rows are a batch's tokens (so padded tokens can be
+    #: dropped, see ``CurvatureTracker.token_mask``); None for layers whose rows are not tokens
+    input_feature_dims: ClassVar[int | None] = None
 
     def slots(self, layer: nn.Module, prefix: str) -> list[ParamSlot]:
         raise NotImplementedError
@@ -99,6 +110,8 @@ def _trainable_slots(layer: nn.Module, prefix: str, roles: dict[str, str]) -> li
 class LinearRule(LayerRule):
     """``H = mean_rows h̄²``, ``S = mean_rows s²`` (peft's lora_A / lora_B are plain Linear layers)."""
 
+    input_feature_dims = 1
+
     def slots(self, layer: nn.Module, prefix: str) -> list[ParamSlot]:
         return _trainable_slots(layer, prefix, {"weight": "weight", "bias": "bias"})
 
@@ -117,6 +130,8 @@ class Conv2dRule(LinearRule):
     ``H = Σ_rows h̄² / (N_p·d)`` with N_p = B·oh·ow and d the patch length (the reference's extra
     1/d only rescales a layer); groups pool their patches into the same rows, as the reference does.
     """
+
+    input_feature_dims = None
 
     def input_stat(self, layer: nn.Module, h: Tensor, full: bool) -> Stat:
         assert isinstance(layer, nn.Conv2d)
@@ -138,6 +153,7 @@ class EmbeddingRule(LinearRule):
     """A Linear layer on one-hot inputs: ``H[token] = count(token)/N`` (a diagonal moment by nature)."""
 
     allows_full = False
+    input_feature_dims = 0
 
     def slots(self, layer: nn.Module, prefix: str) -> list[ParamSlot]:
         return _trainable_slots(layer, prefix, {"weight": "embedding"})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from fisher_scale.data import (
     load_glue,
     load_gsm8k,
 )
+from fisher_scale.train.evaluation import data_source, evaluate_experiment
 
 
 def _glue_name(dataset: str) -> str | None:
@@ -35,8 +35,7 @@ class TrainingSet:
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.model.name)
         self.causal = cfg.model.task == "causal_lm"
-        data, task = cfg.data, _glue_name(cfg.data.dataset)
-        source = data.source or str(Path("..") / "shared" / "data" / ("gsm8k" if task is None else "glue"))
+        data, task, source = cfg.data, _glue_name(cfg.data.dataset), data_source(cfg)
         self.num_labels: int | None = None
         if task is None:
             records = load_gsm8k("train", source)[: data.max_train_examples]
@@ -47,10 +46,18 @@ class TrainingSet:
             if self.causal:
                 self.features = [glue_lm_features(spec, r, self.tokenizer, data.max_length) for r in records]
             else:
-                self.num_labels = spec.num_labels
+                self.num_labels = self.label_count(cfg)
                 self.features = [glue_classifier_features(spec, r, self.tokenizer, data.max_length) for r in records]
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+
+    @staticmethod
+    def label_count(cfg: ExperimentConfig) -> int | None:
+        """Outputs of the classification head the experiment needs (None for causal LMs)."""
+        task = _glue_name(cfg.data.dataset)
+        if cfg.model.task == "causal_lm" or task is None:
+            return None
+        return glue_task(task).num_labels
 
     def __len__(self) -> int:
         return len(self.features)
@@ -83,8 +90,6 @@ class TrainingSet:
         """The dataset's metrics on its evaluation split (sharded over ranks), or nothing when disabled."""
         if not self.cfg.eval.enabled:
             return {}
-        from fisher_scale.train.evaluation import evaluate_experiment
-
         model.eval()
         try:
             with torch.no_grad():

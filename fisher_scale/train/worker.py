@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from fisher_scale.config import ExperimentConfig
 from fisher_scale.masks import MaskSchedule, load_mask, save_mask
 from fisher_scale.optim import FisherOptimizer, build_optimizer, optimizer_state_bytes
+from fisher_scale.optim.pieces import whole_parameters
 from fisher_scale.train import checkpoint
 from fisher_scale.train.batches import StepBatches
 from fisher_scale.train.dataset import TrainingSet
@@ -72,9 +73,10 @@ class Run:
         self.engine, *_ = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, config=deepspeed_config(cfg, world)
         )
-        self.pieces = partition_pieces(self.engine, self.model)
-        if isinstance(self.optimizer, FisherOptimizer):
-            self.optimizer.use_pieces(self.pieces)
+        partitions = partition_pieces(self.engine, self.model)
+        self.pieces = whole_parameters(self.model) if partitions is None else partitions
+        if partitions is not None and isinstance(self.optimizer, FisherOptimizer):
+            self.optimizer.use_pieces(partitions)
         self.guard = NonFiniteGuard(self.optimizer, self.pieces, skip=cfg.train.skip_nonfinite)
         self.batches = StepBatches(
             len(self.data), cfg.data.batch_size, cfg.data.gradient_accumulation_steps, world, cfg.seed
@@ -135,6 +137,8 @@ class Run:
             raise ValueError(f"optimizer step {step} has no target token left after truncation: raise data.max_length")
         loss_sum = torch.zeros(1)
         for batch in micro_batches:
+            if isinstance(self.optimizer, FisherOptimizer):
+                self.optimizer.curvature.token_mask = batch["attention_mask"]
             loss = self.data.loss(self.engine, batch, items / self.world)
             loss_sum += loss.detach() * items / self.world
             self.guard.check_loss(loss, step)

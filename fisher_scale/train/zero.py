@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 from torch import Tensor, nn
 
-from fisher_scale.optim.pieces import Piece, PieceMap, whole_parameters
+from fisher_scale.optim.pieces import Piece, PieceMap
 
 
 def _same_storage(a: Tensor, b: Tensor) -> bool:
@@ -62,8 +62,9 @@ def _stage3_partitions(zero_optimizer: object, named: dict[str, nn.Parameter]) -
     return pieces
 
 
-def partition_pieces(engine: object, model: nn.Module) -> PieceMap:
-    """The piece map of the tensors ``engine``'s client optimizer updates on this rank."""
+def partition_pieces(engine: object, model: nn.Module) -> PieceMap | None:
+    """The piece map of the partitions ``engine``'s client optimizer updates on this rank, or None when
+    it updates the (replicated) parameters themselves."""
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     zero_optimizer = engine.optimizer
     if engine.zero_optimization_stage() == 3:
@@ -72,7 +73,7 @@ def partition_pieces(engine: object, model: nn.Module) -> PieceMap:
     if flats is None:
         flats = getattr(zero_optimizer, "fp32_groups_flat_partition", None)  # bf16 optimizer at stage 0
     if flats is None:
-        return whole_parameters(model)  # stage 0 in fp32: the client optimizer holds the parameters
+        return None  # stage 0 in fp32: the client optimizer holds the parameters
     return _mapped_partitions(list(flats), named)
 
 

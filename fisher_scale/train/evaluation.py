@@ -1,0 +1,50 @@
+"""Evaluation of a training run's model on its dataset's evaluation split (GSM8K test, GLUE dev),
+sharded over the ranks by ``fisher_scale.eval``; also what ``fisher-scale eval`` runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from fisher_scale.config import ExperimentConfig
+from fisher_scale.data import glue_task, load_glue, load_gsm8k
+from fisher_scale.eval import evaluate_glue_classifier, evaluate_glue_lm, evaluate_gsm8k
+
+
+def data_source(cfg: ExperimentConfig) -> str:
+    """``data.source``, or the offline copy beside the checkout for the dataset."""
+    glue = cfg.data.dataset.startswith("glue/")
+    return cfg.data.source or str(Path("..") / "shared" / "data" / ("glue" if glue else "gsm8k"))
+
+
+def evaluate_experiment(cfg: ExperimentConfig, model: nn.Module, tokenizer: Any) -> dict[str, float]:
+    """``gsm8k/accuracy`` (+ eval loss) or ``glue/<task>/<metric>``; every rank returns the same dict."""
+    ev, source = cfg.eval, data_source(cfg)
+    if not cfg.data.dataset.startswith("glue/"):
+        result = evaluate_gsm8k(
+            model,
+            tokenizer,
+            load_gsm8k("test", source),
+            batch_size=ev.batch_size,
+            max_new_tokens=ev.max_new_tokens,
+            max_length=cfg.data.max_length,
+            max_examples=ev.max_examples,
+        )
+        return result.metrics
+    task = cfg.data.dataset.split("/", 1)[1]
+    spec = glue_task(task)
+    split = "dev_matched" if spec.name == "mnli" else "dev"
+    records = load_glue(task, split, source)
+    evaluate = evaluate_glue_lm if cfg.model.task == "causal_lm" else evaluate_glue_classifier
+    return evaluate(
+        model,
+        tokenizer,
+        task,
+        records,
+        split=split,
+        batch_size=ev.batch_size,
+        max_length=cfg.data.max_length,
+        max_examples=ev.max_examples,
+    ).metrics
