@@ -3,7 +3,11 @@
 Every loop shards its examples over ``torch.distributed`` ranks when a process group is up (rank
 r takes ``examples[r::world]``), gathers the per-example results with ``all_gather_object`` and
 computes the metrics from the whole set, so every rank returns the same numbers as one process
-would. Metric names are the ones training reports: ``gsm8k/accuracy``, ``gsm8k/loss``,
+would. Ranks run their shares independently (different batch counts, no collective inside the
+model), so a ZeRO-3 model must have its parameters gathered first. Within a rank, batches group
+examples of similar text length to waste little on padding.
+
+Metric names are the ones training reports: ``gsm8k/accuracy``, ``gsm8k/loss``,
 ``glue/<task>/<metric>`` and ``glue/<task>/loss`` (task ``sst2``, ``stsb``, ``mnli_m``, ``mnli_mm`` ...).
 """
 

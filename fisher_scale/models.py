@@ -44,7 +44,8 @@ class TinyLM:
     num_kv_heads: int = 2
     intermediate_size: int = 128
     vocab_size: int = BYTE_VOCAB
-    max_positions: int = 512
+    #: rotary positions need no weights; GSM8K question + answer as bytes runs past 1,000 tokens
+    max_positions: int = 2048
     tie_embeddings: bool = False
 
 

@@ -41,7 +41,7 @@ def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, dict[str, An
                 metrics: dict[str, Any], directory: Path | None, name: str = name, reports: list = reports
             ) -> None:
                 reports.append(metrics)
-                if directory is not None and rank == 0:
+                if directory is not None:  # every rank adds its files, as Ray merges them into one checkpoint
                     import shutil
 
                     shutil.copytree(directory, Path(out) / f"{name}-checkpoint-{metrics['step']}", dirs_exist_ok=True)

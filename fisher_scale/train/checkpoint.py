@@ -65,7 +65,8 @@ def load_optimizer(directory: Path, rank: int, world: int, optimizer: torch.opti
                 low, high = max(piece.start, entry["start"]), min(piece.end, entry["end"])
                 if low >= high:
                     continue
-                state.update(entry["scalars"])
+                # copies: torch's AdamW advances a tensor ``step`` in place, one per parameter
+                state.update({k: v.clone() if isinstance(v, Tensor) else v for k, v in entry["scalars"].items()})
                 for key, values in entry["tensors"].items():
                     target = state.setdefault(key, torch.zeros_like(tensor))
                     view = target.view(-1)[piece.offset + low - piece.start : piece.offset + high - piece.start]
@@ -99,11 +100,11 @@ def load_weights(directory: Path, model: nn.Module) -> None:
         weights = directory / "adapter_model.safetensors"
         set_peft_model_state_dict(model, load_file(str(weights)))
     else:
-        missing = set(load_file(str(directory / "model.safetensors")))
-        model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False)
-        unknown = missing - {n for n, _ in model.named_parameters()}
+        weights = load_file(str(directory / "model.safetensors"))
+        unknown = set(weights) - {n for n, _ in model.named_parameters()}
         if unknown:
             raise ValueError(f"{directory}: weights for parameters the model lacks: {sorted(unknown)[:5]}")
+        model.load_state_dict(weights, strict=False)
 
 
 def write_state(directory: Path, state: dict[str, Any]) -> None:
