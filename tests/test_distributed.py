@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO with sharded Fisher state: 2 ranks at batch b end where 1 rank at batch 2b ends.
 
-Runs in plain gloo process groups (tests/multiprocess.py): every configuration of the matrix shares
+Runs in plain gloo process groups (fisher_scale.train.local): every configuration of the matrix shares
 one 2-process group and one 1-process group, so the 40 runs cost about as much as a few Ray fits.
 """
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .multiprocess import run_jobs
+from fisher_scale.train.local import run_jobs
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 pytestmark = pytest.mark.skipif(not (DATA / "glue").is_dir(), reason=f"needs the offline GLUE copy in {DATA}")

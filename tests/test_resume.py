@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from .multiprocess import run_jobs
+from fisher_scale.train.local import run_jobs
+
 from .test_distributed import DATA, adapter, experiment, max_relative_difference
 
 pytestmark = pytest.mark.skipif(not (DATA / "glue").is_dir(), reason=f"needs the offline GLUE copy in {DATA}")

@@ -1,5 +1,10 @@
-"""Run training jobs in plain ``torch.distributed`` processes (gloo), without Ray: the distributed
-numerics tests compare N-rank runs with 1-rank runs this way, many configurations per process group."""
+"""Training jobs in plain local ``torch.distributed`` processes (gloo, spawned here), without Ray.
+
+The worker loop is the one Ray Train runs; this launcher exists for what needs many short runs in
+one process group and no cluster: the distributed-numerics tests (N ranks against one) and the
+ZeRO memory benchmark. Reports and checkpoints land in ``out``: ``<job>-reports.pt`` (rank 0's
+metrics) and ``<job>-checkpoint-<step>/`` (every rank's files, merged as Ray merges them).
+"""
 
 from __future__ import annotations
 
