@@ -26,11 +26,11 @@ from fisher_scale.train.local import run_jobs
 OPTIMIZERS = {"adamw": 1e-3, "adafisher": 1e-3}
 
 
-def job(name: str, out: Path, model: str, optimizer: str, stage: int, batch: int, steps: int) -> tuple:
+def job(name: str, out: Path, model: str, optimizer: str, stage: int, batch: int, steps: int, rank: int) -> tuple:
     config = {
         "lr": OPTIMIZERS[optimizer],
         "model": {"name": model},
-        "peft": {"rank": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]},
+        "peft": {"rank": rank, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]},
         "optimizer": {"name": optimizer},
         "data": {
             "dataset": "glue/sst2",
@@ -53,6 +53,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--model", default="small")
+    parser.add_argument(
+        "--rank", type=int, default=8, help="LoRA rank: the replicated factors are ~1/rank of the adapter"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows = []
@@ -78,7 +81,7 @@ def main() -> None:
                     }
                 )
     state = {(r["workers"], r["zero_stage"], r["optimizer"]): r for r in rows}
-    table = Table(title=f"{args.model} LM, LoRA r=8, global batch 8, ZeRO per-rank optimizer + Fisher state")
+    table = Table(title=f"{args.model} LM, LoRA r={args.rank}, global batch 8, ZeRO per-rank optimizer + Fisher state")
     for column in (
         "workers",
         "ZeRO",
@@ -108,7 +111,7 @@ def main() -> None:
         )
     Console().print(table)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

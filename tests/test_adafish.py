@@ -109,4 +109,4 @@ def test_peft_lora_layers_get_full_rank_sides() -> None:
     model(**lm_batch(0)).loss.backward()
     optimizer.step()
     for s in lora_B:
-        assert s.factors[0][1].shape == (4, 4)
+        assert s.eigen["H"][1].shape == (4, 4)

@@ -154,11 +154,13 @@ class FisherOptimizer(torch.optim.Optimizer):
 
     def _directions(self, work: list[tuple[Tensor, Piece]]) -> list[Tensor]:
         """Preconditioned momentum ``m / F̃`` per piece (F̃ = 1 before a layer's first statistic)."""
-        directions = []
+        directions, computed = [], {}
         for tensor, piece in work:
             m = piece.of(self.state[tensor]["exp_avg"])
             layer, slot = self._layer_of.get(piece.param, (None, None))
-            factors = None if layer is None else layer.factors
+            if layer is not None and layer not in computed:
+                computed[layer] = layer.factors
+            factors = None if layer is None else computed[layer]
             if factors is None:
                 directions.append(m)
             else:

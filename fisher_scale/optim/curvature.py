@@ -61,13 +61,27 @@ class LayerCurvature:
     weight: float = 0.0
     H: Tensor | None = None  # EMA of the input factor (a vector, or a matrix when full_in)
     S: Tensor | None = None  # EMA of the output factor
-    #: (H, S) as F̃ uses them, refreshed when the EMA changes; None before the first statistic
-    factors: tuple[Factor, Factor] | None = field(default=None, repr=False)
+    ema_mode: str = "convex"
+    #: eigendecompositions of the full sides, refreshed when the EMA changes (the only derived state kept)
+    eigen: dict[str, Factor] = field(default_factory=dict, repr=False)
 
     def add(self, h: Stat, s: Stat) -> None:
         self.acc_in = h[0] if self.acc_in is None else self.acc_in + h[0]
         self.acc_out = s[0] if self.acc_out is None else self.acc_out + s[0]
         self.weight += h[1]
+
+    @property
+    def factors(self) -> tuple[Factor, Factor] | None:
+        """(H, S) as F̃ uses them, or None before the first statistic. Diagonal factors are min-max
+        normalised on demand (vectors: cheaper to recompute than to keep a second copy of)."""
+        if self.H is None or self.S is None:
+            return None
+        if self.ema_mode == "official":
+            return (self.H, None), (self.S, None)
+        return (
+            self.eigen["H"] if self.full_in else diagonal_factor(self.H),
+            self.eigen["S"] if self.full_out else diagonal_factor(self.S),
+        )
 
     def fresh(self) -> tuple[Tensor, Tensor] | None:
         """This step's statistics (row-weighted mean over micro-batches), and reset the accumulators."""
@@ -123,7 +137,7 @@ class CurvatureTracker:
             slots = [s for s in slots if owners[id(s.param)] == 1]
             if not slots:
                 continue
-            state = LayerCurvature(name, layer, rule, slots)
+            state = LayerCurvature(name, layer, rule, slots, ema_mode=ema_mode)
             if rule.allows_full and max_full_dim > 0:
                 out_dim, in_dim = matrix_dims(layer)
                 state.full_in, state.full_out = in_dim <= max_full_dim, out_dim <= max_full_dim
@@ -220,15 +234,11 @@ class CurvatureTracker:
             state.weight = float(chunks[-1][i])
 
     def _refresh(self, state: LayerCurvature) -> None:
-        if state.H is None or state.S is None:
-            state.factors = None
-        elif self.ema_mode == "official":
-            state.factors = (state.H, None), (state.S, None)
-        else:
-            state.factors = (
-                full_factor(state.H) if state.full_in else diagonal_factor(state.H),
-                full_factor(state.S) if state.full_out else diagonal_factor(state.S),
-            )
+        state.eigen = {}
+        if self.ema_mode == "convex":
+            for side, full, buffer in (("H", state.full_in, state.H), ("S", state.full_out, state.S)):
+                if full and buffer is not None:
+                    state.eigen[side] = full_factor(buffer)
 
     def state_dict(self) -> dict:
         """Factor buffers keyed by module name, so a resumed run continues exactly."""

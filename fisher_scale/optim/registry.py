@@ -55,5 +55,5 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     if isinstance(optimizer, FisherOptimizer):
         for layer in optimizer.curvature.layers.values():
             tensors += [t for t in (layer.H, layer.S) if t is not None]
-            tensors += [t for side in (layer.factors or ()) if side[1] is not None for t in side]
+            tensors += [t for factor in layer.eigen.values() for t in factor]
     return sum(t.numel() * t.element_size() for t in tensors)
