@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fisher_scale.config import ConfigError, build_config, load_config
@@ -83,3 +85,11 @@ def test_workers_must_fit_the_cluster() -> None:
     check_resources(build_config({"distributed": {"num_workers": 2}}), {"CPU": 2.0})
     with pytest.raises(ConfigError, match="needs 2 GPUs"):
         check_resources(build_config({"distributed": {"num_workers": 2, "use_gpu": True}}), {"CPU": 8.0})
+
+
+def test_every_shipped_config_validates() -> None:
+    configs = sorted((Path(__file__).resolve().parents[1] / "tune_configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.name and cfg.train.steps > 0, path
