@@ -63,7 +63,7 @@ def main() -> None:
         out = Path(tmp)
         for world in (1, 2):
             jobs = [
-                job(f"w{world}-z{stage}-{opt}", out, args.model, opt, stage, 8 // world, args.steps)
+                job(f"w{world}-z{stage}-{opt}", out, args.model, opt, stage, 8 // world, args.steps, args.rank)
                 for stage in range(4)
                 for opt in OPTIMIZERS
             ]
