@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, ImportError) as error:
         console.print(f"[red]error:[/red] {error}")
         return 2
+    except RuntimeError as error:
+        console.print(f"[red]{error}[/red]")
+        return 1
 
 
 if __name__ == "__main__":

@@ -386,8 +386,9 @@ def lm_features(
 ) -> Features:
     """``input_ids``, ``attention_mask``, ``labels`` with loss on the completion tokens only.
 
-    Over ``max_length`` the sequence is cut at the end, or, with ``truncate_prompt``, the prompt
-    loses its start so that the completion (a class label) survives whole.
+    Over ``max_length`` the sequence is cut at the end (a prompt that alone fills it leaves no
+    labelled token, so the example adds nothing to a token-mean loss), or, with ``truncate_prompt``,
+    the prompt loses its start so that the completion (a class label) survives whole.
     """
     prompt, answer = encode_prompt(tokenizer, user_text), encode_completion(tokenizer, completion)
     if truncate_prompt:

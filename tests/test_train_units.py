@@ -93,3 +93,15 @@ def test_every_shipped_config_validates() -> None:
     for path in configs:
         cfg = load_config(path)
         assert cfg.name and cfg.train.steps > 0, path
+
+
+def test_paths_are_resolved_and_missing_data_is_a_config_error(tmp_path) -> None:
+    from fisher_scale.train.launcher import resolve_paths
+
+    with pytest.raises(ConfigError, match=r"data\.source: .*absent does not exist"):
+        resolve_paths(build_config({"data": {"source": str(tmp_path / "absent")}}))
+    (tmp_path / "gsm8k").mkdir()
+    cfg = resolve_paths(build_config({"data": {"source": str(tmp_path / "gsm8k")}, "train": {"output_dir": "out"}}))
+    assert Path(cfg.train.output_dir).is_absolute() and cfg.data.source == str(tmp_path / "gsm8k")
+    hub = resolve_paths(build_config({"data": {"source": "openai/gsm8k"}}))
+    assert hub.data.source == "openai/gsm8k"

@@ -30,6 +30,31 @@ def check_resources(cfg: ExperimentConfig, available: dict[str, float]) -> None:
         )
 
 
+def resolve_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Relative paths made absolute against the driver's working directory (Ray workers run elsewhere), and
+    local data checked here, before any cluster work: a missing file is a config error, not a worker crash."""
+    from fisher_scale.data import is_hub_id
+    from fisher_scale.train.evaluation import data_source
+
+    source = data_source(cfg)
+    if not is_hub_id(source) and not Path(source).exists():
+        raise ConfigError(f"data.source: {source} does not exist (a local GSM8K/GLUE copy, or a hub id)")
+    data = cfg.data.model_copy(update={"source": source if is_hub_id(source) else str(Path(source).resolve())})
+    model_path = Path(cfg.model.name)
+    model = cfg.model.model_copy(update={"name": str(model_path.resolve())}) if model_path.exists() else cfg.model
+    train = cfg.train.model_copy(
+        update={
+            "output_dir": str(Path(cfg.train.output_dir).resolve()),
+            "resume_from": str(Path(cfg.train.resume_from).resolve()) if cfg.train.resume_from else None,
+        }
+    )
+    storage = cfg.distributed.storage_path
+    if storage and "://" not in storage:
+        storage = str(Path(storage).resolve())
+    distributed = cfg.distributed.model_copy(update={"storage_path": storage})
+    return cfg.model_copy(update={"data": data, "model": model, "train": train, "distributed": distributed})
+
+
 def start_ray(cfg: ExperimentConfig) -> None:
     """Join ``distributed.address`` or start a local Ray instance (once per process)."""
     import ray
@@ -48,7 +73,6 @@ def trainer(cfg: ExperimentConfig, *, run_name: str | None = None) -> Any:
     from fisher_scale.train.worker import train_worker
 
     dist = cfg.distributed
-    storage = str(Path(dist.storage_path).resolve()) if dist.storage_path and "://" not in dist.storage_path else None
     return TorchTrainer(
         train_worker,
         train_loop_config=cfg.model_dump(mode="json"),
@@ -57,7 +81,7 @@ def trainer(cfg: ExperimentConfig, *, run_name: str | None = None) -> Any:
         ),
         run_config=RunConfig(
             name=run_name or cfg.name,
-            storage_path=storage or dist.storage_path,
+            storage_path=dist.storage_path,
             failure_config=FailureConfig(max_failures=dist.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -69,11 +93,15 @@ def run_training(cfg: ExperimentConfig, *, run_name: str | None = None) -> dict[
     """Run one training job and write ``result.json``; returns its content."""
     import ray
 
+    cfg = resolve_paths(cfg)
     if cfg.train.resume_from and not (Path(cfg.train.resume_from) / "trainer_state.json").is_file():
         raise ConfigError(f"train.resume_from: {cfg.train.resume_from} is not a fisher-scale checkpoint directory")
     start_ray(cfg)
     check_resources(cfg, ray.cluster_resources())
-    result = trainer(cfg, run_name=run_name).fit()
+    try:
+        result = trainer(cfg, run_name=run_name).fit()
+    except Exception as error:  # Ray Train raises its worker errors from fit()
+        raise RuntimeError(f"training failed: {error}") from error
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     output = Path(cfg.train.output_dir)
