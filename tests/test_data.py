@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -349,3 +350,42 @@ def test_collate_pads_labels_with_ignore_index_left_or_right() -> None:
     assert left["attention_mask"].tolist() == [[0, 1, 1], [1, 1, 1]]
     with pytest.raises(ValueError, match="padding_side"):
         collate([short], 0, padding_side="middle")
+
+
+# ------------------------------------------------------------------------------------- hub code path
+
+
+def test_hub_sources_map_splits_fields_and_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub path with ``datasets.load_dataset`` replaced by rows shaped like the hub's (no network)."""
+    calls = []
+    hub_rows = {
+        ("openai/gsm8k", "main", "test"): [{"question": "q", "answer": "a\n#### 4"}],
+        ("nyu-mll/glue", "mnli", "validation_mismatched"): [{"premise": "p", "hypothesis": "h", "label": 2}],
+        ("nyu-mll/glue", "sst2", "validation"): [{"sentence": "s", "label": 1, "idx": 0}],
+        ("nyu-mll/glue", "stsb", "train"): [{"sentence1": "a", "sentence2": "b", "label": 3.8}],
+        ("nyu-mll/glue", "rte", "train"): [{"sentence1": "a", "sentence2": "b", "label": -1}],
+    }
+
+    def load_hub(source: str, config: str, split: str) -> list[dict]:
+        calls.append((source, config, split))
+        return hub_rows[(source, config, split)]
+
+    monkeypatch.setattr("fisher_scale.data._load_hub", load_hub)
+    assert load_gsm8k("test", "openai/gsm8k") == [{"question": "q", "answer": "a\n#### 4"}]
+    assert load_glue("MNLI-mm", "dev", "nyu-mll/glue") == [{"sentence1": "p", "sentence2": "h", "label": 2}]
+    assert load_glue("SST-2", "validation", "nyu-mll/glue") == [{"sentence1": "s", "sentence2": None, "label": 1}]
+    assert load_glue("STS-B", "train", "nyu-mll/glue") == [{"sentence1": "a", "sentence2": "b", "label": 3.8}]
+    with pytest.raises(ValueError, match=r"nyu-mll/glue/rte\[train\] row 0: label -1 outside RTE's set"):
+        load_glue("RTE", "train", "nyu-mll/glue")
+    assert calls[:4] == [
+        ("openai/gsm8k", "main", "test"),
+        ("nyu-mll/glue", "mnli", "validation_mismatched"),
+        ("nyu-mll/glue", "sst2", "validation"),
+        ("nyu-mll/glue", "stsb", "train"),
+    ]
+
+
+def test_hub_source_without_datasets_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(ImportError, match=r"pip install datasets"):
+        load_gsm8k("train", "openai/gsm8k")
