@@ -153,6 +153,12 @@ class ExperimentConfig(Section):
                 "mask.enabled with distributed.zero_stage=3 is not supported yet: FISH scoring takes per-example "
                 "gradients with torch.func, which ZeRO-3's parameter hooks do not allow; use ZeRO 0-2"
             )
+        if self.eval.enabled and self.distributed.zero_stage == 3 and self.distributed.num_workers > 1:
+            raise ValueError(
+                "eval.enabled with distributed.zero_stage=3 on several workers is not supported yet: ranks evaluate "
+                "different shares and ZeRO-3's parameter fetches would not line up; set eval.enabled=false and run "
+                "fisher-scale eval on the saved adapter"
+            )
         if self.model.dtype == "bfloat16" and not self.distributed.use_gpu:
             raise ValueError("model.dtype=bfloat16 needs distributed.use_gpu=true (CPU training runs in float32)")
         return self

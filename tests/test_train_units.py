@@ -46,6 +46,7 @@ def test_every_example_once_per_epoch_and_reshuffled() -> None:
 def test_deepspeed_keys_pass_through_recursively() -> None:
     cfg = build_config(
         {
+            "eval": {"enabled": False},
             "distributed": {
                 "zero_stage": 3,
                 "num_workers": 2,
@@ -74,6 +75,8 @@ def test_config_file_errors_name_file_and_key(tmp_path) -> None:
     assert "optimizer.dampng: unknown key" in text and "distributed.zero_stage" in text and "optimizer.name" in text
     with pytest.raises(ConfigError, match=r"adafish needs peft\.enabled=true"):
         build_config({"optimizer": {"name": "adafish"}, "peft": {"enabled": False}})
+    with pytest.raises(ConfigError, match=r"eval\.enabled with distributed\.zero_stage=3"):
+        build_config({"distributed": {"zero_stage": 3, "num_workers": 2}})
     with pytest.raises(ConfigError, match="--set expects key=value"):
         build_config({}, ["lr"])
 
