@@ -90,12 +90,17 @@ def tiny_causal_lm(spec: TinyLM = TinyLM(), seed: int = 0) -> nn.Module:
     return Qwen2ForCausalLM(_qwen2_config(spec)).float()
 
 
-def apply_lora(model: nn.Module, lora: Lora) -> nn.Module:
-    """Wrap ``model`` with PEFT LoRA; only the adapter's A/B matrices stay trainable."""
+def apply_lora(model: nn.Module, lora: Lora, task: str = "causal_lm") -> nn.Module:
+    """Wrap ``model`` with PEFT LoRA; the adapter's A/B matrices train, and for ``task="classification"``
+    also the task head (peft's SEQ_CLS task type puts ``classifier``/``score`` in ``modules_to_save``)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="SEQ_CLS" if task == "classification" else None,
     )
     return get_peft_model(model, config)
 

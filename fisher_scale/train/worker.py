@@ -36,7 +36,7 @@ def build_model(cfg: ExperimentConfig, num_labels: int | None) -> nn.Module:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.peft.enabled:
         lora = Lora(cfg.peft.rank, cfg.peft.alpha, cfg.peft.dropout, cfg.peft.target_modules)
-        model = apply_lora(model, lora)
+        model = apply_lora(model, lora, task=cfg.model.task)
     return model
 
 
