@@ -148,11 +148,6 @@ class ExperimentConfig(Section):
             raise ValueError("optimizer.name=adafish needs peft.enabled=true (it preconditions LoRA's r×r sides)")
         if self.mask.enabled and self.mask.target == "peft" and not self.peft.enabled:
             raise ValueError("mask.target=peft needs peft.enabled=true")
-        if self.mask.enabled and self.distributed.zero_stage == 3:
-            raise ValueError(
-                "mask.enabled with distributed.zero_stage=3 is not supported yet: FISH scoring takes per-example "
-                "gradients with torch.func, which ZeRO-3's parameter hooks do not allow; use ZeRO 0-2"
-            )
         if self.eval.enabled and self.distributed.zero_stage == 3 and self.distributed.num_workers > 1:
             raise ValueError(
                 "eval.enabled with distributed.zero_stage=3 on several workers is not supported yet: ranks evaluate "

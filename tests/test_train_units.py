@@ -51,7 +51,7 @@ def test_deepspeed_keys_pass_through_recursively() -> None:
                 "zero_stage": 3,
                 "num_workers": 2,
                 "deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": 0}, "gradient_clipping": 0.5},
-            }
+            },
         },
         ["data.batch_size=3", "data.gradient_accumulation_steps=2"],
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fisher_scale.optim.layers import full_shape
 from fisher_scale.optim.pieces import PieceMap, whole_parameters
 
 Mask = dict[str, Tensor]
@@ -193,9 +194,9 @@ def check_mask_matches(mask: Mapping[str, Tensor], params: Mapping[str, Tensor])
     """A clear error when a mask names parameters the model lacks or has other shapes."""
     missing = [n for n in mask if n not in params]
     wrong = [
-        f"{n}: mask {tuple(m.shape)} vs parameter {tuple(params[n].shape)}"
+        f"{n}: mask {tuple(m.shape)} vs parameter {full_shape(params[n])}"
         for n, m in mask.items()
-        if n in params and m.shape != params[n].shape
+        if n in params and tuple(m.shape) != full_shape(params[n])
     ]
     if missing or wrong:
         raise ValueError(

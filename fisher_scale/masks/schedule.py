@@ -8,7 +8,9 @@ A/B kind, block and matrix so that runs show it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +38,7 @@ class MaskSchedule:
         refresh_every: int = 0,
         head: Sequence[str] = DEFAULT_HEAD,
         pieces: PieceMap | None = None,
+        scoring_context: Callable[[], AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
         for name, value in (("mask.warmup_steps", warmup_steps), ("mask.refresh_every", refresh_every)):
             if not isinstance(value, int) or value < 0:
@@ -44,6 +47,8 @@ class MaskSchedule:
         self.target, self.ratio, self.samples, self.variant = target, ratio, samples, variant
         self.warmup_steps, self.refresh_every, self.head = warmup_steps, refresh_every, tuple(head)
         self.pieces = pieces
+        #: entered around scoring, e.g. to give torch.func whole parameters under ZeRO-3
+        self.scoring_context = scoring_context
         self.mask: Mask | None = None
         self.report: dict[str, float] = {}
         self.updates: MaskedUpdates | None = None
@@ -56,7 +61,14 @@ class MaskSchedule:
         """(Re)compute and apply the mask if ``step`` is due; returns its kept-fraction report then."""
         if not self.due(step):
             return None
-        scores = fisher_scores(
+        with self.scoring_context():
+            scores = self._scores()
+        _, heads = candidate_parameters(self.model, self.target, self.head)
+        self.restore(select_mask(scores, self.ratio, always_keep=heads))
+        return self.report
+
+    def _scores(self) -> dict[str, Tensor]:
+        return fisher_scores(
             self.model,
             self.score_batches(),
             target=self.target,
@@ -64,9 +76,6 @@ class MaskSchedule:
             samples=self.samples,
             head=self.head,
         )
-        _, heads = candidate_parameters(self.model, self.target, self.head)
-        self.restore(select_mask(scores, self.ratio, always_keep=heads))
-        return self.report
 
     def restore(self, mask: Mask) -> None:
         """Apply ``mask`` (a new selection, or one read back from a checkpoint)."""

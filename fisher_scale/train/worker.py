@@ -24,7 +24,7 @@ from fisher_scale.train.batches import StepBatches
 from fisher_scale.train.dataset import TrainingSet
 from fisher_scale.train.engine import deepspeed_config, init_distributed
 from fisher_scale.train.guard import NonFiniteGuard
-from fisher_scale.train.zero import gathered_parameters, partition_pieces
+from fisher_scale.train.zero import functional_model, gathered_parameters, partition_pieces
 
 
 def build_model(cfg: ExperimentConfig, num_labels: int | None) -> nn.Module:
@@ -103,6 +103,7 @@ class Run:
             refresh_every=mask.refresh_every,
             head=mask.head,
             pieces=self.pieces,
+            scoring_context=lambda: functional_model(self.engine, self.model),
         )
 
     def _restore(self, directory: Path) -> None:

@@ -88,3 +88,20 @@ def gathered_parameters(model: nn.Module) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         yield
+
+
+@contextlib.contextmanager
+def functional_model(engine: object, model: nn.Module) -> Iterator[None]:
+    """Whole parameters and no ZeRO-3 module hooks for the duration, so ``torch.func`` can call the model
+    with parameters of its own (FISH scoring); a no-op below ZeRO 3. DeepSpeed's hooks are re-registered
+    after, which it supports (it invalidates its fetch trace)."""
+    if engine.zero_optimization_stage() != 3:
+        yield
+        return
+    offload = engine.optimizer.parameter_offload
+    with gathered_parameters(model):
+        offload._remove_module_hooks()
+        try:
+            yield
+        finally:
+            offload.setup_zero_stage3_hooks()
