@@ -28,8 +28,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fisher_scale.data import Record, load_glue, load_gsm8k
-from fisher_scale.demo import default_data_dir
+from fisher_scale.data import Record, default_data_dir, load_glue, load_gsm8k
 from fisher_scale.eval import EvalResult, evaluate_glue_classifier, evaluate_gsm8k
 from fisher_scale.models import load_model, load_tokenizer
 

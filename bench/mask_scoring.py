@@ -20,7 +20,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fisher_scale.demo import DemoRun, default_data_dir, gsm8k_byte_chunks, interleaved
+from fisher_scale.data import default_data_dir
+from fisher_scale.demo import DemoRun, gsm8k_byte_chunks, interleaved
 from fisher_scale.masks import apply_mask, candidate_parameters, fisher_scores, select_mask
 from fisher_scale.models import PRESETS, Lora
 

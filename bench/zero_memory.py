@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fisher_scale.demo import default_data_dir
+from fisher_scale.data import default_data_dir
 from fisher_scale.train.local import run_jobs
 
 OPTIMIZERS = {"adamw": 1e-3, "adafisher": 1e-3}

@@ -105,7 +105,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fisher_scale.demo import default_data_dir
+    from fisher_scale.data import default_data_dir
 
     parser = argparse.ArgumentParser(prog="fisher-scale", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)

@@ -83,7 +83,8 @@ class DataConfig(Section):
 
     dataset: str = Field("gsm8k", description="gsm8k or glue/<task> (glue/sst2, glue/mrpc, ...)")
     source: str | None = Field(
-        None, description="local GSM8K folder/jsonl or GLUE folder, or a hub id; default ../shared/data/{gsm8k,glue}"
+        None,
+        description="local GSM8K folder/jsonl or GLUE folder, or a hub id; default: ../shared/data beside the checkout",
     )
     max_length: int = Field(256, ge=8)
     max_train_examples: int | None = Field(None, ge=1)

@@ -36,6 +36,11 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _GSM8K_FINAL = re.compile(r"^####\s*-?\$?[\d,]*\.?\d+\s*$", re.MULTILINE)
 
 
+def default_data_dir() -> Path:
+    """``../shared/data`` beside the repository checkout: the offline GSM8K/GLUE copies (whatever the CWD)."""
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
 def is_hub_id(source: str | Path) -> bool:
     """A string shaped like ``owner/name`` that is no existing path and names no data file."""
     if isinstance(source, Path) or Path(source).exists():

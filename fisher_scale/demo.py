@@ -24,11 +24,6 @@ from fisher_scale.optim import FisherOptimizer, build_optimizer, optimizer_state
 DEMO_LR = {"adamw": 3e-3, "adafisher": 3e-3, "adafisherw": 3e-3, "adafish": 0.3}
 
 
-def default_data_dir() -> Path:
-    """``../shared/data`` beside the repository checkout (the offline GSM8K/GLUE copies)."""
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
 def gsm8k_byte_chunks(path: Path, seq_len: int, batch_size: int, count: int) -> list[dict[str, torch.Tensor]]:
     """``count`` batches of ``seq_len`` UTF-8 bytes of GSM8K question/answer text (ids = byte + 3, as ByT5)."""
     if not path.is_file():

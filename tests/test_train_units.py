@@ -108,3 +108,14 @@ def test_paths_are_resolved_and_missing_data_is_a_config_error(tmp_path) -> None
     assert Path(cfg.train.output_dir).is_absolute() and cfg.data.source == str(tmp_path / "gsm8k")
     hub = resolve_paths(build_config({"data": {"source": "openai/gsm8k"}}))
     assert hub.data.source == "openai/gsm8k"
+
+
+def test_too_many_workers_fail_before_ray_starts(tmp_path) -> None:
+    import ray
+
+    from fisher_scale.train.launcher import run_training
+
+    cfg = build_config({"data": {"source": str(tmp_path)}, "distributed": {"num_workers": 64}})
+    with pytest.raises(ConfigError, match="needs 64 CPUs"):
+        run_training(cfg)
+    assert not ray.is_initialized()

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from fisher_scale.optim.layers import full_shape
-from fisher_scale.optim.pieces import PieceMap, whole_parameters
+from fisher_scale.optim.pieces import PieceMap, elementwise, whole_parameters
 
 Mask = dict[str, Tensor]
 
@@ -149,14 +149,14 @@ class MaskedUpdates:
                 self._owned[tensor] = owned.view(tensor.shape)
         for tensor, owned in self._owned.items():
             for value in self.optimizer.state.get(tensor, {}).values():
-                if _same_shape(value, tensor):
+                if elementwise(value, tensor):
                     value.masked_fill_(~owned, 0)
 
     def _before(self, *_: object) -> None:
         self._saved = {
             t: (
                 t.detach().clone(),
-                {k: v.clone() for k, v in self.optimizer.state.get(t, {}).items() if _same_shape(v, t)},
+                {k: v.clone() for k, v in self.optimizer.state.get(t, {}).items() if elementwise(v, t)},
             )
             for t in self._owned
         }
@@ -167,7 +167,7 @@ class MaskedUpdates:
             value, state_before = self._saved[tensor]
             tensor.copy_(torch.where(owned, tensor, value))
             for key, current in self.optimizer.state.get(tensor, {}).items():
-                if _same_shape(current, tensor):
+                if elementwise(current, tensor):
                     before = state_before.get(key)
                     current.copy_(
                         torch.where(owned, current, before if before is not None else torch.zeros_like(current))
@@ -177,10 +177,6 @@ class MaskedUpdates:
     def remove(self) -> None:
         for hook in [*self._grad_hooks, *self._hooks]:
             hook.remove()
-
-
-def _same_shape(value: object, tensor: Tensor) -> bool:
-    return isinstance(value, Tensor) and value.shape == tensor.shape
 
 
 def apply_mask(

@@ -36,6 +36,11 @@ class Piece:
 PieceMap = dict[Tensor, list[Piece]]
 
 
+def elementwise(value: object, tensor: Tensor) -> bool:
+    """Whether an optimizer state value holds one entry per element of its tensor (moments, not step counts)."""
+    return isinstance(value, Tensor) and value.shape == tensor.shape
+
+
 def whole_parameters(model: nn.Module) -> PieceMap:
     """The map when the optimizer holds the model's own trainable parameters."""
     seen: PieceMap = {}

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from fisher_scale.optim import FisherOptimizer
-from fisher_scale.optim.pieces import PieceMap
+from fisher_scale.optim.pieces import PieceMap, elementwise
 
 STATE = "trainer_state.json"
 
@@ -32,12 +32,11 @@ def _piece_states(optimizer: torch.optim.Optimizer, pieces: PieceMap) -> list[di
         if not state:
             continue
         for piece in tensor_pieces:
-            entry: dict[str, Any] = {"name": piece.name, "start": piece.start, "end": piece.end, "scalars": {}}
-            entry["tensors"] = {
-                k: piece.of(v).clone() for k, v in state.items() if isinstance(v, Tensor) and v.shape == tensor.shape
-            }
-            entry["scalars"] = {k: v for k, v in state.items() if k not in entry["tensors"]}
-            saved.append(entry)
+            tensors = {k: piece.of(v).clone() for k, v in state.items() if elementwise(v, tensor)}
+            scalars = {k: v for k, v in state.items() if k not in tensors}
+            saved.append(
+                {"name": piece.name, "start": piece.start, "end": piece.end, "tensors": tensors, "scalars": scalars}
+            )
     return saved
 
 

@@ -3,20 +3,19 @@ sharded over the ranks by ``fisher_scale.eval``; also what ``fisher-scale eval``
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from fisher_scale.config import ExperimentConfig
-from fisher_scale.data import glue_task, load_glue, load_gsm8k
+from fisher_scale.data import default_data_dir, glue_task, load_glue, load_gsm8k
 from fisher_scale.eval import evaluate_glue_classifier, evaluate_glue_lm, evaluate_gsm8k
 
 
 def data_source(cfg: ExperimentConfig) -> str:
     """``data.source``, or the offline copy beside the checkout for the dataset."""
     glue = cfg.data.dataset.startswith("glue/")
-    return cfg.data.source or str(Path("..") / "shared" / "data" / ("glue" if glue else "gsm8k"))
+    return cfg.data.source or str(default_data_dir() / ("glue" if glue else "gsm8k"))
 
 
 def evaluate_experiment(cfg: ExperimentConfig, model: nn.Module, tokenizer: Any) -> dict[str, float]:

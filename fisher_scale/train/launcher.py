@@ -96,6 +96,10 @@ def run_training(cfg: ExperimentConfig, *, run_name: str | None = None) -> dict[
     cfg = resolve_paths(cfg)
     if cfg.train.resume_from and not (Path(cfg.train.resume_from) / "trainer_state.json").is_file():
         raise ConfigError(f"train.resume_from: {cfg.train.resume_from} is not a fisher-scale checkpoint directory")
+    if cfg.distributed.address is None:  # a local Ray: the machine is the cluster, check before starting it
+        import torch
+
+        check_resources(cfg, {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())})
     start_ray(cfg)
     check_resources(cfg, ray.cluster_resources())
     try:
