@@ -15,6 +15,7 @@ from fisher_scale.data import (
     GLUE_TASKS,
     IGNORE_INDEX,
     collate,
+    default_data_dir,
     encode_prompt,
     glue_classifier_features,
     glue_lm_features,
@@ -26,7 +27,6 @@ from fisher_scale.data import (
     load_glue,
     load_gsm8k,
 )
-from fisher_scale.demo import default_data_dir
 
 DATA = default_data_dir()
 GSM8K = DATA / "gsm8k"

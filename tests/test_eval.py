@@ -23,13 +23,13 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from fisher_scale.data import (
     IGNORE_INDEX,
     collate,
+    default_data_dir,
     encode_prompt,
     glue_task,
     gsm8k_features,
     gsm8k_user_text,
     load_glue,
 )
-from fisher_scale.demo import default_data_dir
 from fisher_scale.eval import (
     evaluate_glue_classifier,
     evaluate_glue_lm,

@@ -12,8 +12,7 @@ import torch
 from transformers import ByT5Tokenizer
 
 from fisher_scale import models
-from fisher_scale.data import collate, gsm8k_features, load_gsm8k, prompt_text
-from fisher_scale.demo import default_data_dir
+from fisher_scale.data import collate, default_data_dir, gsm8k_features, load_gsm8k, prompt_text
 from fisher_scale.eval import completion_logprobs
 from fisher_scale.models import PRESETS, load_model, load_tokenizer, tiny_causal_lm
 

@@ -110,12 +110,13 @@ def test_paths_are_resolved_and_missing_data_is_a_config_error(tmp_path) -> None
     assert hub.data.source == "openai/gsm8k"
 
 
-def test_too_many_workers_fail_before_ray_starts(tmp_path) -> None:
-    import ray
+def test_too_many_workers_fail_before_ray_starts(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fisher_scale.train import launcher
 
-    from fisher_scale.train.launcher import run_training
+    def no_ray(cfg: object) -> None:
+        raise AssertionError("Ray was started")
 
+    monkeypatch.setattr(launcher, "start_ray", no_ray)
     cfg = build_config({"data": {"source": str(tmp_path)}, "distributed": {"num_workers": 64}})
     with pytest.raises(ConfigError, match="needs 64 CPUs"):
-        run_training(cfg)
-    assert not ray.is_initialized()
+        launcher.run_training(cfg)
