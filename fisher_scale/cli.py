@@ -76,6 +76,62 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace, console: Console) -> int:
+    from fisher_scale.config import load_config
+    from fisher_scale.tune.study import StudyInterrupted, optuna_storage, run_study
+
+    cfg = load_config(args.config, args.set)
+
+    def started(state: object, root: str) -> None:
+        console.print(f"study [bold]{state.study}[/bold] in {root}/{state.study}; MLflow {state.tracking_uri}")
+
+    try:
+        state = run_study(cfg, resume=args.resume, on_start=started)
+    except StudyInterrupted as stopped:
+        console.print(f"[yellow]{stopped}[/yellow]")
+        return 130
+    table = Table(title=f"{state.study}: best trial per study ({cfg.tune.metric}, {cfg.tune.mode})")
+    for column in ("study", "trial", cfg.tune.metric, "values"):
+        table.add_column(column)
+    for label, best in state.best.items():
+        values = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.get("config", {}).items()
+        )
+        metric = best.get("metric")
+        table.add_row(label, best.get("trial_id", "-"), "-" if metric is None else f"{metric:.4g}", values)
+    console.print(table)
+    storage = optuna_storage(state.config["tune"]["storage"]).url
+    console.print(
+        f"results: MLflow experiment [bold]{cfg.name}[/bold], parent run {state.parent_run_id}\n"
+        f"  mlflow ui --backend-store-uri {state.tracking_uri}\n"
+        f"  optuna-dashboard {storage}   (pip install optuna-dashboard)\n"
+        f"  fisher-scale compare {cfg.name}"
+    )
+    return 0
+
+
+def _compare(args: argparse.Namespace, console: Console) -> int:
+    from fisher_scale.tune.compare import compare_experiment
+
+    report = compare_experiment(
+        args.experiment,
+        tracking_uri=args.tracking_uri,
+        metric=args.metric,
+        mode=args.mode,
+        target=args.target,
+        equal=not args.all_trials,
+        out=args.out,
+    )
+    table = Table(title=f"{args.experiment}: {report.metric} ({report.mode}), {report.trials} trials")
+    for column in report.rows[0] if report.rows else ():
+        table.add_column(column, justify="left" if column == "optimizer" else "right")
+    for row in report.rows:
+        table.add_row(*("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+    console.print(table)
+    console.print(f"plots: {args.out}  (also logged to MLflow run {report.run_id})")
+    return 0
+
+
 def _eval(args: argparse.Namespace, console: Console) -> int:
     from fisher_scale.config import load_config
     from fisher_scale.models import load_tokenizer
@@ -134,6 +190,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config key, e.g. --set optimizer.damping=1e-3 (repeatable)",
     )
     train.set_defaults(run=_train)
+
+    study = commands.add_parser("tune", help="a hyperparameter study: Ray Tune + Optuna, tracked in MLflow")
+    study.add_argument("config", type=Path, help="experiment YAML with a tune section (tune_configs/demo.yaml)")
+    study.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    study.add_argument(
+        "--resume", action="store_true", help="continue the newest unfinished study of this config's name"
+    )
+    study.set_defaults(run=_tune)
+
+    compare = commands.add_parser("compare", help="table and plots of optimizers from an MLflow experiment")
+    compare.add_argument("experiment", help="MLflow experiment name (the config's name)")
+    compare.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    compare.add_argument("--metric", help="default: the tune.metric of the newest study")
+    compare.add_argument("--mode", choices=["min", "max"], help="default: the tune.mode of the newest study")
+    compare.add_argument("--target", type=float, help="metric value for the steps/time-to-target columns")
+    compare.add_argument(
+        "--all-trials", action="store_true", help="use every trial (default: equal trial budget per optimizer)"
+    )
+    compare.add_argument("--out", type=Path, default=Path("outputs/compare"), help="folder for the PNG plots")
+    compare.set_defaults(run=_compare)
 
     evaluate = commands.add_parser("eval", help="evaluate a saved adapter on the config's dataset (GSM8K / GLUE)")
     evaluate.add_argument("config", type=Path, help="the experiment YAML the adapter was trained with")

@@ -128,6 +128,82 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(256, ge=1, description="GSM8K generation length")
 
 
+class Dimension(Section):
+    """One searched key: exactly one of ``loguniform: [low, high]``, ``uniform: [low, high]``,
+    ``int: [low, high]`` (inclusive) or ``choice: [a, b, ...]``."""
+
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+    int_: tuple[int, int] | None = Field(None, alias="int")
+    choice: tuple[Any, ...] | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Dimension:
+        given = [k for k in ("loguniform", "uniform", "int_", "choice") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of loguniform, uniform, int, choice")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice: empty list of values")
+        bounds = self.loguniform or self.uniform or self.int_
+        if bounds is not None and not bounds[0] < bounds[1]:
+            raise ValueError(f"empty range [{bounds[0]}, {bounds[1]}]: low must be below high")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {self.loguniform[0]}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("loguniform", "uniform", "int", "choice") if self.values_of(k) is not None)
+
+    def values_of(self, kind: str) -> tuple[Any, ...] | None:
+        return getattr(self, "int_" if kind == "int" else kind)
+
+    def edges(self) -> tuple[Any, ...]:
+        """Values a sampled point can take at the edges of the range (all values of a choice)."""
+        return self.values_of(self.kind)
+
+
+def default_space() -> dict[str, Dimension]:
+    """The keys the issue names: damping, EMA decay, LoRA rank, mask ratio and lr."""
+    return {
+        "lr": Dimension(loguniform=(1e-4, 1e-1)),
+        "optimizer.damping": Dimension(loguniform=(1e-4, 1e-1)),
+        "optimizer.ema_decay": Dimension(uniform=(0.5, 0.99)),
+        "peft.rank": Dimension(choice=(4, 8, 16)),
+        "mask.ratio": Dimension(uniform=(0.1, 1.0)),
+    }
+
+
+class TuneConfig(Section):
+    """``tune.*``: the hyperparameter study that ``fisher-scale tune`` runs (Ray Tune + Optuna)."""
+
+    space: dict[str, Dimension] = Field(default_factory=default_space, description="dotted config key → dimension")
+    optimizers: dict[str, dict[str, Dimension | None]] | None = Field(
+        None,
+        description="one Optuna study per listed optimizer with equal trial budgets; per-optimizer overrides of "
+        "space (null drops a key); unset: optimizer.name is fixed or searched like any key",
+    )
+    num_samples: int = Field(8, ge=1, description="trials per study (per optimizer when optimizers is set)")
+    max_concurrent: int | None = Field(None, ge=1, description="trials at once; default: as many as the cluster fits")
+    metric: str = Field("gsm8k/loss", description="reported metric to optimise (an eval or training metric)")
+    mode: Literal["min", "max"] = "min"
+    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler, seeded with the top-level seed")
+    storage: str = Field("sqlite:///optuna.db", description="Optuna storage URL (SQLite file or database URL)")
+    scheduler: Literal["none", "asha"] = Field("none", description="asha: stop poor trials early (on step)")
+    grace_period: int = Field(10, ge=1, description="ASHA: steps before a trial can be stopped")
+    reduction_factor: float = Field(3, gt=1, description="ASHA: keeps 1/reduction_factor at each rung")
+
+
+class TrackingConfig(Section):
+    """``tracking.*``: MLflow."""
+
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here"
+    )
+
+
 class ExperimentConfig(Section):
     """One experiment: every key of the YAML, validated."""
 
@@ -142,6 +218,8 @@ class ExperimentConfig(Section):
     train: TrainConfig = TrainConfig()
     distributed: DistributedConfig = DistributedConfig()
     eval: EvalConfig = EvalConfig()
+    tune: TuneConfig = TuneConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _compatible(self) -> ExperimentConfig:
@@ -188,7 +266,7 @@ def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
 
 def build_config(tree: dict[str, Any], overrides: Iterable[str] = (), *, origin: str = "config") -> ExperimentConfig:
     """Validate a config tree (plus overrides); every problem is reported with its dotted key."""
-    tree = yaml.safe_load(yaml.safe_dump(tree)) or {}
+    tree = yaml.safe_load(yaml.safe_dump(tree, sort_keys=False)) or {}
     for key, value in parse_overrides(overrides):
         _set_dotted(tree, key, value)
     try:
@@ -204,6 +282,14 @@ def build_config(tree: dict[str, Any], overrides: Iterable[str] = (), *, origin:
             else:
                 lines.append(f"  {problem['msg'].removeprefix('Value error, ')}")
         raise ConfigError(f"{origin} is invalid:\n" + "\n".join(lines)) from None
+
+
+def with_values(cfg: ExperimentConfig, values: dict[str, Any], *, origin: str = "config") -> ExperimentConfig:
+    """``cfg`` with dotted keys set to new values (a sweep's sampled point), validated again."""
+    tree = cfg.model_dump(mode="json")
+    for key, value in values.items():
+        _set_dotted(tree, key, value)
+    return build_config(tree, origin=origin)
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentConfig:

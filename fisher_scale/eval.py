@@ -77,20 +77,26 @@ def glue_metrics(task: str, predictions: Sequence[float], references: Sequence[f
     from scipy.stats import pearsonr, spearmanr
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-    spec = glue_task(task)
     if len(predictions) != len(references) or not references:
         raise ValueError(f"need equally many predictions and references, got {len(predictions)} and {len(references)}")
-    if spec.name == "stsb":
-        return {
-            "pearson": float(pearsonr(predictions, references).statistic),
-            "spearman": float(spearmanr(predictions, references).statistic),
-        }
-    if spec.name == "cola":
-        return {"matthews_corr": float(matthews_corrcoef(references, predictions))}
-    metrics = {"accuracy": float(accuracy_score(references, predictions))}
-    if spec.name in ("mrpc", "qqp"):
-        metrics["f1"] = float(f1_score(references, predictions))
-    return metrics
+    compute = {
+        "pearson": lambda: pearsonr(predictions, references).statistic,
+        "spearman": lambda: spearmanr(predictions, references).statistic,
+        "matthews_corr": lambda: matthews_corrcoef(references, predictions),
+        "accuracy": lambda: accuracy_score(references, predictions),
+        "f1": lambda: f1_score(references, predictions),
+    }
+    return {name: float(compute[name]()) for name in glue_metric_names(task)}
+
+
+def glue_metric_names(task: str) -> tuple[str, ...]:
+    """The metric names :func:`glue_metrics` returns for a task (sweeps check their target metric against them)."""
+    name = glue_task(task).name
+    if name == "stsb":
+        return ("pearson", "spearman")
+    if name == "cola":
+        return ("matthews_corr",)
+    return ("accuracy", "f1") if name in ("mrpc", "qqp") else ("accuracy",)
 
 
 def glue_metric_prefix(task: str, split: str = "dev") -> str:

@@ -9,13 +9,35 @@ from torch import nn
 
 from fisher_scale.config import ExperimentConfig
 from fisher_scale.data import default_data_dir, glue_task, load_glue, load_gsm8k
-from fisher_scale.eval import evaluate_glue_classifier, evaluate_glue_lm, evaluate_gsm8k
+from fisher_scale.eval import (
+    evaluate_glue_classifier,
+    evaluate_glue_lm,
+    evaluate_gsm8k,
+    glue_metric_names,
+    glue_metric_prefix,
+)
 
 
 def data_source(cfg: ExperimentConfig) -> str:
     """``data.source``, or the offline copy beside the checkout for the dataset."""
     glue = cfg.data.dataset.startswith("glue/")
     return cfg.data.source or str(default_data_dir() / ("glue" if glue else "gsm8k"))
+
+
+def _glue_eval_split(cfg: ExperimentConfig) -> tuple[str, str]:
+    task = cfg.data.dataset.split("/", 1)[1]
+    return task, "dev_matched" if glue_task(task).name == "mnli" else "dev"
+
+
+def eval_metric_names(cfg: ExperimentConfig) -> set[str]:
+    """The names :func:`evaluate_experiment` reports for this config (none when evaluation is off)."""
+    if not cfg.eval.enabled:
+        return set()
+    if not cfg.data.dataset.startswith("glue/"):
+        return {"gsm8k/accuracy", "gsm8k/loss"}
+    task, split = _glue_eval_split(cfg)
+    prefix = glue_metric_prefix(task, split)
+    return {f"{prefix}/{name}" for name in (*glue_metric_names(task), "loss")}
 
 
 def evaluate_experiment(cfg: ExperimentConfig, model: nn.Module, tokenizer: Any) -> dict[str, float]:
@@ -32,9 +54,7 @@ def evaluate_experiment(cfg: ExperimentConfig, model: nn.Module, tokenizer: Any)
             max_examples=ev.max_examples,
         )
         return result.metrics
-    task = cfg.data.dataset.split("/", 1)[1]
-    spec = glue_task(task)
-    split = "dev_matched" if spec.name == "mnli" else "dev"
+    task, split = _glue_eval_split(cfg)
     records = load_glue(task, split, source)
     evaluate = evaluate_glue_lm if cfg.model.task == "causal_lm" else evaluate_glue_classifier
     return evaluate(

@@ -55,18 +55,33 @@ def resolve_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg.model_copy(update={"data": data, "model": model, "train": train, "distributed": distributed})
 
 
-def start_ray(cfg: ExperimentConfig) -> None:
-    """Join ``distributed.address`` or start a local Ray instance (once per process)."""
+def start_ray(cfg: ExperimentConfig, *, log_to_driver: bool = True) -> None:
+    """Join ``distributed.address`` (or ``$RAY_ADDRESS``) or start a local Ray instance (once per process)."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(address=cfg.distributed.address, log_to_driver=True, configure_logging=False)
+    ray.init(address=cfg.distributed.address, log_to_driver=log_to_driver, configure_logging=False)
 
 
-def trainer(cfg: ExperimentConfig, *, run_name: str | None = None) -> Any:
-    """The ``TorchTrainer`` of one experiment (also what a Tune trial runs)."""
+def check_local_resources(cfg: ExperimentConfig) -> None:
+    """Without a cluster address the machine is the cluster: check it before starting Ray."""
+    if cfg.distributed.address is None and "RAY_ADDRESS" not in os.environ:
+        import torch
+
+        check_resources(cfg, {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())})
+
+
+def trainer(
+    cfg: ExperimentConfig,
+    *,
+    run_name: str | None = None,
+    storage_path: str | None = None,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """The ``TorchTrainer`` of one experiment (also what a Tune trial runs, with Tune's report callback).
+    A second trainer with the same run name and storage resumes from that run's latest checkpoint."""
     from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -81,7 +96,8 @@ def trainer(cfg: ExperimentConfig, *, run_name: str | None = None) -> Any:
         ),
         run_config=RunConfig(
             name=run_name or cfg.name,
-            storage_path=dist.storage_path,
+            storage_path=storage_path or dist.storage_path,
+            callbacks=callbacks,
             failure_config=FailureConfig(max_failures=dist.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -90,20 +106,22 @@ def trainer(cfg: ExperimentConfig, *, run_name: str | None = None) -> Any:
 
 
 def run_training(cfg: ExperimentConfig, *, run_name: str | None = None) -> dict[str, Any]:
-    """Run one training job and write ``result.json``; returns its content."""
+    """Check, start Ray, run one training job and write ``result.json``; returns its content."""
     import ray
 
     cfg = resolve_paths(cfg)
     if cfg.train.resume_from and not (Path(cfg.train.resume_from) / "trainer_state.json").is_file():
         raise ConfigError(f"train.resume_from: {cfg.train.resume_from} is not a fisher-scale checkpoint directory")
-    if cfg.distributed.address is None:  # a local Ray: the machine is the cluster, check before starting it
-        import torch
-
-        check_resources(cfg, {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())})
+    check_local_resources(cfg)
     start_ray(cfg)
     check_resources(cfg, ray.cluster_resources())
+    return fit(trainer(cfg, run_name=run_name), cfg)
+
+
+def fit(torch_trainer: Any, cfg: ExperimentConfig) -> dict[str, Any]:
+    """Run a trainer of ``cfg`` to the end and write ``result.json`` into ``train.output_dir``."""
     try:
-        result = trainer(cfg, run_name=run_name).fit()
+        result = torch_trainer.fit()
     except Exception as error:  # Ray Train raises its worker errors from fit()
         raise RuntimeError(f"training failed: {error}") from error
     if result.error is not None:

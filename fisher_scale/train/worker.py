@@ -82,7 +82,7 @@ class Run:
             len(self.data), cfg.data.batch_size, cfg.data.gradient_accumulation_steps, world, cfg.seed
         )
         self.mask = self._mask_schedule()
-        self.history: dict[str, Any] = {"skipped_steps": 0}
+        self.history: dict[str, Any] = {"skipped_steps": 0, "train_time_s": 0.0, "eval_time_s": 0.0}
         if restored is not None:
             self._restore(restored)
 
@@ -109,7 +109,7 @@ class Run:
     def _restore(self, directory: Path) -> None:
         state = checkpoint.read_state(directory)
         self.start_step = int(state["step"])
-        self.history = state["history"]
+        self.history.update(state["history"])
         checkpoint.load_optimizer(directory, self.rank, self.world, self.optimizer, self.pieces)
         if self.mask is not None and (directory / "mask.safetensors").is_file():
             self.mask.restore(load_mask(directory / "mask.safetensors", self.model))
@@ -162,6 +162,8 @@ class Run:
         metrics["step"] = step + 1
         metrics["optimizer_state_bytes_per_rank"] = optimizer_state_bytes(self.optimizer)
         metrics["skipped_steps"] = self.history["skipped_steps"] + self.guard.skipped
+        metrics["time/train_s"] = self.history["train_time_s"]
+        metrics["time/eval_s"] = self.history["eval_time_s"]
         if isinstance(self.optimizer, FisherOptimizer):
             contrast = list(self.optimizer.curvature_contrast().values())
             if contrast:
@@ -175,18 +177,24 @@ class Run:
         cfg = self.cfg.train
         window: list[dict[str, float]] = []
         for step in range(self.start_step, cfg.steps):
+            started = time.perf_counter()
             if self.mask is not None:
                 self.mask.before_step(step)
             window.append(self._step(step))
+            self.history["train_time_s"] += time.perf_counter() - started
             last = step == cfg.steps - 1
             evaluate = last or (self.cfg.eval.every and (step + 1) % self.cfg.eval.every == 0)
             save = last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
             if not (save or evaluate or (step + 1) % cfg.log_every == 0):
                 continue
+            if evaluate:
+                started = time.perf_counter()
+                evaluation = self.data.evaluate(self.engine.module, self.rank, self.world)
+                self.history["eval_time_s"] += time.perf_counter() - started
             metrics = self._metrics(step, window)
             window = []
             if evaluate:
-                metrics.update(self.data.evaluate(self.engine.module, self.rank, self.world))
+                metrics.update(evaluation)
             if save:
                 with tempfile.TemporaryDirectory() as tmp:
                     self._save(Path(tmp), step + 1, metrics)
@@ -196,7 +204,7 @@ class Run:
         self._save_output()
 
     def _save(self, directory: Path, next_step: int, metrics: dict[str, Any]) -> None:
-        history = {"skipped_steps": self.history["skipped_steps"] + self.guard.skipped}
+        history = {**self.history, "skipped_steps": self.history["skipped_steps"] + self.guard.skipped}
         with gathered_parameters(self.model):
             if self.rank == 0:
                 checkpoint.save_weights(directory / "adapter", self.model)
@@ -221,6 +229,17 @@ class Run:
                 checkpoint.save_weights(output / "adapter", self.model)
                 if self.mask is not None and self.mask.mask is not None:
                     save_mask(self.mask.mask, output / "mask.safetensors")
+
+
+def reported_metrics(cfg: ExperimentConfig) -> set[str]:
+    """Every metric name a run of this config reports (sweeps check their target metric against it)."""
+    from fisher_scale.train.evaluation import eval_metric_names
+
+    names = {"loss", "lr", "step", "step_time_s", "tokens_per_s", "optimizer_state_bytes_per_rank", "skipped_steps"}
+    names |= {"time/train_s", "time/eval_s"} | eval_metric_names(cfg)
+    if cfg.optimizer.name != "adamw":
+        names |= {"curvature_contrast/median", "curvature_contrast/max"}
+    return names
 
 
 def _is_number(value: object) -> bool:

@@ -1,0 +1,128 @@
+"""MLflow: tracking URI, reachability check, experiments, parent/child runs, params, metrics, artifacts.
+
+Only the driver talks to MLflow (Tune callbacks run there), so an embedded SQLite store never sees
+concurrent writers and cluster workers need no route to the tracking server.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from fisher_scale.config import ConfigError, ExperimentConfig
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+#: tag that ties a child run to its Ray Tune trial (a resumed trial finds its run by it)
+TRIAL_TAG = "ray_trial_id"
+#: tag naming the study (parent) a run belongs to, and what kind of run it is
+STUDY_TAG = "fisher_scale.study"
+KIND_TAG = "fisher_scale.kind"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def tracking_uri(cfg: ExperimentConfig) -> str:
+    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite file in the working directory;
+    relative SQLite paths are made absolute so that every process agrees on the file."""
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str(Path(uri.removeprefix(prefix)).resolve())
+    return uri
+
+
+def artifact_root(uri: str) -> str | None:
+    """For a SQLite store, artifacts go in ``mlartifacts/`` beside the database file (a server picks its own)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None
+
+
+@contextmanager
+def _no_retries() -> Iterator[None]:
+    """MLflow retries HTTP requests for minutes by default; a reachability check must answer in seconds."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def client(uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def check_reachable(uri: str) -> None:
+    """Fail before any trial starts when the tracking store cannot be reached or written."""
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise ConfigError(f"tracking.uri: {uri}: folder {folder} does not exist or is not writable")
+        return
+    try:
+        with _no_retries():
+            client(uri).search_experiments(max_results=1)
+    except Exception as error:  # any transport or auth failure means the same to the user
+        raise ConfigError(
+            f"tracking.uri: cannot reach the MLflow tracking server at {uri} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200]}); start it, fix the URI, or set MLFLOW_TRACKING_USERNAME/PASSWORD"
+        ) from None
+
+
+def experiment_id(mlflow_client: Any, name: str, uri: str) -> str:
+    """The experiment's id, creating it (artifacts beside a SQLite store) when new."""
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    return mlflow_client.create_experiment(name, artifact_location=artifact_root(uri))
+
+
+def find_run(mlflow_client: Any, experiment: str, **tags: str) -> str | None:
+    """The id of the run carrying all these tags, if there is one."""
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    runs = mlflow_client.search_runs([experiment], filter_string=query, max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def log_params(mlflow_client: Any, run_id: str, params: Mapping[str, Any]) -> None:
+    """Params in batches of MLflow's limit of 100 per request; values as strings."""
+    from mlflow.entities import Param
+
+    items = [Param(key, str(value)[:6000]) for key, value in params.items()]
+    for start in range(0, len(items), 100):
+        mlflow_client.log_batch(run_id, params=items[start : start + 100])
+
+
+def log_metrics(mlflow_client: Any, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
+    """The finite numbers among ``metrics`` at ``step`` (strings, lists and NaN are left out)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [
+        Metric(key, float(value), now, step)
+        for key, value in metrics.items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ]
+    for start in range(0, len(items), 1000):
+        mlflow_client.log_batch(run_id, metrics=items[start : start + 1000])
+
+
+def run_params(cfg: ExperimentConfig) -> dict[str, Any]:
+    """A trial's params: the flattened resolved config without the study's own sections."""
+    from fisher_scale.config import flatten
+
+    return {k: v for k, v in flatten(cfg).items() if not k.startswith(("tune.", "tracking."))}

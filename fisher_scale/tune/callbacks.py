@@ -1,0 +1,160 @@
+"""Ray Tune callbacks that run on the driver: MLflow child runs per trial, and the live trial table.
+
+Tune pickles its callbacks with the experiment state (``Tuner.restore`` brings them back), so both
+keep only plain settings and rebuild their MLflow client / console on first use.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ray.tune import Callback
+from ray.tune.result import AUTO_RESULT_KEYS
+
+from fisher_scale import tracking
+from fisher_scale.config import ExperimentConfig, with_values
+
+#: keys Tune adds to every result, not training metrics
+_TUNE_KEYS = {*AUTO_RESULT_KEYS, "trial_id", "done", "config", "checkpoint_dir_name", "should_checkpoint"}
+
+
+def trial_config(base: dict[str, Any], values: dict[str, Any], trial_id: str) -> ExperimentConfig:
+    """The resolved config of one trial: the study's base config with its sampled point."""
+    return with_values(ExperimentConfig.model_validate(base), values, origin=f"trial {trial_id}")
+
+
+class MlflowTrials(Callback):
+    """One MLflow child run per trial under the study's parent run, tagged with the Ray trial id, so a
+    trial resumed after an interruption logs into the run it started (no duplicates)."""
+
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, study: str, label: str, base: dict) -> None:
+        self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
+        self.study, self.label, self.base = study, label, base
+        self._client: Any = None
+        self._runs: dict[str, str] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None, "_runs": {}}
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = tracking.client(self.uri)
+        return self._client
+
+    def run_id(self, trial: Any) -> str:
+        """The trial's child run: found by its tag (a resumed trial) or created with params and config."""
+        if trial.trial_id in self._runs:
+            return self._runs[trial.trial_id]
+        run_id = tracking.find_run(self.client, self.experiment_id, **{tracking.TRIAL_TAG: trial.trial_id})
+        if run_id is None:
+            cfg = trial_config(self.base, trial.config, trial.trial_id)
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"{self.label}-{trial.trial_id}",
+                tags={
+                    tracking.PARENT_TAG: self.parent_run_id,
+                    tracking.TRIAL_TAG: trial.trial_id,
+                    tracking.STUDY_TAG: self.study,
+                    tracking.KIND_TAG: "trial",
+                    "optimizer": cfg.optimizer.name,
+                    "study_label": self.label,
+                },
+            )
+            run_id = run.info.run_id
+            tracking.log_params(self.client, run_id, tracking.run_params(cfg))
+            self.client.log_dict(run_id, cfg.model_dump(mode="json"), "config.json")
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        self._runs[trial.trial_id] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.run_id(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        run_id = self.run_id(trial)
+        metrics = {k: v for k, v in result.items() if k not in _TUNE_KEYS}
+        tracking.log_metrics(self.client, run_id, metrics, step=int(result.get("step", 0)))
+        if result.get("checkpoint_path"):
+            self.client.set_tag(run_id, "checkpoint", result["checkpoint_path"])
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.client.set_terminated(self.run_id(trial), status="FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self.run_id(trial)
+        if trial.error_file:
+            self.client.set_tag(run_id, "error_file", trial.error_file)
+        self.client.set_terminated(run_id, status="FAILED")
+
+
+class TrialTable(Callback):
+    """A live terminal table of the study's trials: status, step, the target metric, sampled values."""
+
+    def __init__(self, label: str, metric: str, mode: str, keys: list[str]) -> None:
+        self.label, self.metric, self.mode, self.keys = label, metric, mode, keys
+        self._rows: dict[str, dict[str, Any]] = {}
+        self._live: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_live": None, "_rows": {}}
+
+    def _render(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title=f"study {self.label}: {self.metric} ({self.mode})")
+        short = [key.rsplit(".", 1)[-1] for key in self.keys]
+        for column in ("trial", "status", "step", self.metric.rsplit("/", 1)[-1], "best", *short):
+            table.add_column(column, justify="left" if column in ("trial", "status") else "right", no_wrap=True)
+        for trial_id, row in self._rows.items():
+            table.add_row(
+                trial_id,
+                row["status"].lower(),
+                str(row.get("step", "")),
+                _fmt(row.get("last")),
+                _fmt(row.get("best")),
+                *(_fmt(row["config"].get(k)) for k in self.keys),
+            )
+        return table
+
+    def _update(self, trial: Any, **fields: Any) -> None:
+        row = self._rows.setdefault(trial.trial_id, {"config": dict(trial.config)})
+        row["status"] = fields.pop("status", trial.status)
+        row.update(fields)
+        if self._live is None:
+            from rich.live import Live
+
+            self._live = Live(self._render(), refresh_per_second=2)
+            self._live.start()
+        self._live.update(self._render())
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._update(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        fields: dict[str, Any] = {"step": result.get("step", "")}
+        value = result.get(self.metric)
+        if isinstance(value, int | float) and math.isfinite(value):
+            best = self._rows.get(trial.trial_id, {}).get("best")
+            better = best is None or (value < best if self.mode == "min" else value > best)
+            fields.update(last=value, best=value if better else best)
+        self._update(trial, **fields)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._update(trial, status="TERMINATED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._update(trial, status="ERROR")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,250 @@
+"""``fisher-scale compare``: optimizers side by side from MLflow — a table and plots.
+
+Fair comparison after AlgoPerf: the same trial budget per optimizer (``equal_budget`` keeps each
+study's first N trials per optimizer, N = the smallest count), medians over repeated studies (seeds),
+and time to a target measured in training time only (``time/train_s`` excludes evaluation).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fisher_scale import tracking
+
+
+@dataclass
+class TrialRecord:
+    """One trial's run: its study, optimizer, searched values and metric histories (step → value)."""
+
+    run_id: str
+    study: str
+    optimizer: str
+    start_time: int
+    params: dict[str, str]
+    history: dict[str, dict[int, float]] = field(default_factory=dict)
+
+    def final(self, key: str) -> float | None:
+        values = self.history.get(key, {})
+        return values[max(values)] if values else None
+
+    def first_reaching(self, key: str, target: float, mode: str) -> int | None:
+        """The first step whose value reaches the target (≤ for min, ≥ for max)."""
+        for step in sorted(self.history.get(key, {})):
+            value = self.history[key][step]
+            if (value <= target) if mode == "min" else (value >= target):
+                return step
+        return None
+
+
+def load_trials(client: Any, experiment_id: str, metric: str, study: str | None = None) -> list[TrialRecord]:
+    """Every trial run of the experiment (or of one study) with the histories the comparison needs."""
+    query = f"tags.`{tracking.KIND_TAG}` = 'trial'"
+    if study:
+        query += f" and tags.`{tracking.STUDY_TAG}` = '{study}'"
+    records = []
+    for run in client.search_runs([experiment_id], filter_string=query, max_results=10000):
+        record = TrialRecord(
+            run.info.run_id,
+            run.data.tags.get(tracking.STUDY_TAG, ""),
+            run.data.tags.get("optimizer", "?"),
+            run.info.start_time,
+            dict(run.data.params),
+        )
+        for key in {metric, "loss", "time/train_s"}:
+            record.history[key] = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+        records.append(record)
+    return records
+
+
+def equal_budget(records: list[TrialRecord]) -> list[TrialRecord]:
+    """Per study, the first N trials of each optimizer, N = the smallest number any optimizer has."""
+    kept = []
+    for study in {r.study for r in records}:
+        by_optimizer: dict[str, list[TrialRecord]] = {}
+        for record in sorted((r for r in records if r.study == study), key=lambda r: r.start_time):
+            by_optimizer.setdefault(record.optimizer, []).append(record)
+        budget = min(len(v) for v in by_optimizer.values())
+        kept += [r for rows in by_optimizer.values() for r in rows[:budget]]
+    return kept
+
+
+def _better(mode: str) -> Any:
+    return min if mode == "min" else max
+
+
+def comparison_table(
+    records: list[TrialRecord], metric: str, mode: str, target: float | None = None
+) -> list[dict[str, Any]]:
+    """Per optimizer: trials, best final metric, median over studies of each study's best, and the
+    median over studies of the fewest steps / least training time to reach ``target``."""
+    rows = []
+    for optimizer in sorted({r.optimizer for r in records}):
+        mine = [r for r in records if r.optimizer == optimizer]
+        finals = [v for r in mine if (v := r.final(metric)) is not None and math.isfinite(v)]
+        per_study = []
+        steps_to_target, time_to_target = [], []
+        for study in sorted({r.study for r in mine}):
+            trials = [r for r in mine if r.study == study]
+            values = [v for r in trials if (v := r.final(metric)) is not None and math.isfinite(v)]
+            if values:
+                per_study.append(_better(mode)(values))
+            if target is None:
+                continue
+            reached = [(step, r) for r in trials if (step := r.first_reaching(metric, target, mode)) is not None]
+            if reached:
+                step, record = min(reached, key=lambda item: item[0])
+                steps_to_target.append(step)
+                times = record.history.get("time/train_s", {})
+                if step in times:
+                    time_to_target.append(times[step])
+        row: dict[str, Any] = {
+            "optimizer": optimizer,
+            "trials": len(mine),
+            "studies": len({r.study for r in mine}),
+            f"best {metric}": _better(mode)(finals) if finals else None,
+            f"median best {metric}": statistics.median(per_study) if per_study else None,
+        }
+        if target is not None:
+            row["median steps to target"] = statistics.median(steps_to_target) if steps_to_target else None
+            row["median train s to target"] = statistics.median(time_to_target) if time_to_target else None
+            row["studies reaching target"] = len(steps_to_target)
+        rows.append(row)
+    return rows
+
+
+def plot_comparison(records: list[TrialRecord], metric: str, searched: list[str], out: Path) -> list[Path]:
+    """Training curves per optimizer, the metric against each searched hyperparameter, and the
+    metric against training wall time; PNG files in ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    optimizers = sorted({r.optimizer for r in records})
+    colors = {name: f"C{i}" for i, name in enumerate(optimizers)}
+    paths = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        paths.append(out / name)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for record in records:
+        curve = record.history.get("loss", {})
+        if curve:
+            steps = sorted(curve)
+            ax.plot(steps, [curve[s] for s in steps], color=colors[record.optimizer], alpha=0.6)
+    _legend(ax, colors, plt)
+    ax.set(xlabel="step", ylabel="training loss", title="training curves")
+    save(fig, "training_curves.png")
+
+    for key in searched:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        points = [
+            (float(r.params[key]), value, r.optimizer)
+            for r in records
+            if key in r.params and _is_number(r.params[key]) and (value := r.final(metric)) is not None
+        ]
+        for x, y, name in points:
+            ax.scatter(x, y, color=colors[name])
+        xs = [p[0] for p in points]
+        if xs and min(xs) > 0 and max(xs) / min(xs) > 50:
+            ax.set_xscale("log")
+        _legend(ax, colors, plt)
+        ax.set(xlabel=key, ylabel=metric, title=f"{metric} against {key}")
+        save(fig, f"{metric.replace('/', '_')}_vs_{key.replace('.', '_')}.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for record in records:
+        values, times = record.history.get(metric, {}), record.history.get("time/train_s", {})
+        steps = sorted(s for s in values if s in times)
+        if steps:
+            ax.plot([times[s] for s in steps], [values[s] for s in steps], "o-", color=colors[record.optimizer])
+    _legend(ax, colors, plt)
+    ax.set(xlabel="training wall time, s (evaluation excluded)", ylabel=metric, title=f"{metric} against time")
+    save(fig, f"{metric.replace('/', '_')}_vs_time.png")
+    return paths
+
+
+def _legend(ax: Any, colors: dict[str, str], plt: Any) -> None:
+    handles = [plt.Line2D([], [], color=color, label=name) for name, color in colors.items()]
+    ax.legend(handles=handles, fontsize="small")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def study_report(client: Any, state: Any, cfg: Any, *, plots_dir: Path) -> list[dict[str, Any]]:
+    """At the end of a study: its comparison table and plots, logged to the study's parent run."""
+    records = load_trials(client, state.experiment_id, cfg.tune.metric, study=state.study)
+    rows = comparison_table(records, cfg.tune.metric, cfg.tune.mode)
+    searched = sorted(filter(None, client.get_run(state.parent_run_id).data.tags.get("searched", "").split(",")))
+    for path in plot_comparison(records, cfg.tune.metric, searched, plots_dir):
+        client.log_artifact(state.parent_run_id, str(path), "plots")
+    client.log_dict(state.parent_run_id, rows, "comparison.json")
+    return rows
+
+
+@dataclass
+class Comparison:
+    metric: str
+    mode: str
+    trials: int
+    rows: list[dict[str, Any]]
+    run_id: str
+
+
+def compare_experiment(
+    experiment: str,
+    *,
+    tracking_uri: str | None = None,
+    metric: str | None = None,
+    mode: str | None = None,
+    target: float | None = None,
+    equal: bool = True,
+    out: Path = Path("outputs/compare"),
+) -> Comparison:
+    """The comparison over every study of an MLflow experiment, logged as a ``compare`` run in it."""
+    from fisher_scale.config import ExperimentConfig, TrackingConfig
+
+    uri = tracking.tracking_uri(ExperimentConfig(tracking=TrackingConfig(uri=tracking_uri)))
+    tracking.check_reachable(uri)
+    client = tracking.client(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = [e.name for e in client.search_experiments()]
+        raise ValueError(f"no MLflow experiment {experiment!r} at {uri}; experiments there: {', '.join(names)}")
+    studies = client.search_runs(
+        [found.experiment_id], filter_string=f"tags.`{tracking.KIND_TAG}` = 'study'", order_by=["start_time DESC"]
+    )
+    if not studies:
+        raise ValueError(f"experiment {experiment!r} has no fisher-scale study runs")
+    newest = studies[0].data
+    metric = metric or newest.params.get("tune.metric", "loss")
+    mode = mode or newest.params.get("tune.mode", "min")
+    records = load_trials(client, found.experiment_id, metric)
+    if equal:
+        records = equal_budget(records)
+    rows = comparison_table(records, metric, mode, target)
+    searched = sorted({key for run in studies for key in run.data.tags.get("searched", "").split(",") if key})
+    run = client.create_run(found.experiment_id, run_name="compare", tags={tracking.KIND_TAG: "compare"})
+    tracking.log_params(
+        client, run.info.run_id, {"metric": metric, "mode": mode, "target": target, "equal_budget": equal}
+    )
+    for path in plot_comparison(records, metric, searched, out):
+        client.log_artifact(run.info.run_id, str(path), "plots")
+    client.log_dict(run.info.run_id, rows, "comparison.json")
+    client.set_terminated(run.info.run_id)
+    return Comparison(metric, mode, len(records), rows, run.info.run_id)

@@ -1,0 +1,113 @@
+"""Search spaces: ``tune.space`` (and per-optimizer overrides) checked against the config schema and
+turned into Optuna distributions; every mistake is a ``ConfigError`` before Ray starts."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from fisher_scale.config import ConfigError, Dimension, ExperimentConfig, flatten, with_values
+
+#: config sections a study cannot search (they describe the study itself)
+_NOT_SEARCHABLE = ("tune.", "tracking.", "name")
+
+
+def searchable_keys() -> list[str]:
+    return sorted(k for k in flatten(ExperimentConfig()) if not k.startswith(_NOT_SEARCHABLE))
+
+
+def study_spaces(cfg: ExperimentConfig) -> dict[str, tuple[ExperimentConfig, dict[str, Dimension]]]:
+    """One (base config, space) per Optuna study: per listed optimizer (``tune.optimizers``, optimizer
+    fixed, overrides applied, ``null`` drops a key), else one study labelled by the optimizer name
+    (or ``searched`` when ``optimizer.name`` is itself a dimension)."""
+    tune = cfg.tune
+    if tune.optimizers is None:
+        label = "searched" if "optimizer.name" in tune.space else cfg.optimizer.name
+        return {label: (cfg, dict(tune.space))}
+    if "optimizer.name" in tune.space:
+        raise ConfigError("tune.space.optimizer.name: drop it, tune.optimizers already fixes one optimizer per study")
+    studies = {}
+    for name, overrides in tune.optimizers.items():
+        space = {k: v for k, v in {**tune.space, **overrides}.items() if v is not None}
+        base = with_values(cfg, {"optimizer.name": name}, origin=f"tune.optimizers.{name}")
+        studies[name] = (base, space)
+    return studies
+
+
+def _probe_values(dimension: Dimension) -> list[Any]:
+    """The edges, and for continuous ranges a non-round interior point (catches ``uniform`` on an int key)."""
+    values = list(dimension.edges())
+    if dimension.kind in ("uniform", "loguniform"):
+        low, high = dimension.edges()
+        values.append(low + 0.37 * (high - low))
+    return values
+
+
+def check_space(label: str, base: ExperimentConfig, space: dict[str, Dimension]) -> None:
+    """Every key exists in the schema and every value the space can produce makes a valid config."""
+    known = searchable_keys()
+    problems = []
+    for key, dimension in space.items():
+        where = f"tune.space.{key}" if label == "-" else f"tune.space.{key} (study {label})"
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; searchable keys: {', '.join(known)}"
+            problems.append(f"  {where}: not a config key{hint}")
+            continue
+        for value in _probe_values(dimension):
+            try:
+                with_values(base, {key: value}, origin=where)
+            except ConfigError as error:
+                problems.append(f"  {where}: value {value!r} is invalid: {str(error).splitlines()[-1].strip()}")
+                break
+    if problems:
+        raise ConfigError("the search space is invalid:\n" + "\n".join(problems))
+    try:
+        optuna_distributions(space)
+    except ValueError as error:
+        raise ConfigError(f"tune.space: Optuna cannot sample it: {error}") from None
+
+
+def check_study(cfg: ExperimentConfig) -> dict[str, tuple[ExperimentConfig, dict[str, Dimension]]]:
+    """The studies of ``cfg``, after checking spaces, the target metric and early-stopping settings."""
+    from fisher_scale.train.worker import reported_metrics
+
+    tune = cfg.tune
+    studies = study_spaces(cfg)
+    for label, (base, space) in studies.items():
+        check_space(label if len(studies) > 1 else "-", base, space)
+        reported = reported_metrics(base)
+        if tune.metric not in reported:
+            raise ConfigError(
+                f"tune.metric: {tune.metric!r} is never reported by this training (study {label}); "
+                f"it reports: {', '.join(sorted(reported))}"
+            )
+    if tune.scheduler == "asha":
+        if tune.grace_period >= cfg.train.steps:
+            raise ConfigError(
+                f"tune.grace_period={tune.grace_period} must be below train.steps={cfg.train.steps} "
+                "for ASHA to stop anything"
+            )
+        intermediate = cfg.train.log_every if not tune.metric.startswith(("gsm8k/", "glue/")) else cfg.eval.every
+        if not intermediate or intermediate > tune.grace_period:
+            raise ConfigError(
+                f"tune.scheduler=asha needs {tune.metric!r} reported before the grace period of {tune.grace_period} "
+                f"steps: set eval.every (eval metrics) or train.log_every (training metrics) to at most it"
+            )
+    return studies
+
+
+def optuna_distributions(space: dict[str, Dimension]) -> dict[str, Any]:
+    """Optuna distributions of a space, keyed by dotted config key (what ``OptunaSearch`` samples)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    distributions: dict[str, Any] = {}
+    for key, dimension in space.items():
+        values = dimension.edges()
+        if dimension.kind == "choice":
+            distributions[key] = CategoricalDistribution(list(values))
+        elif dimension.kind == "int":
+            distributions[key] = IntDistribution(values[0], values[1])
+        else:
+            distributions[key] = FloatDistribution(values[0], values[1], log=dimension.kind == "loguniform")
+    return distributions
