@@ -269,11 +269,14 @@ def run_study(cfg: ExperimentConfig, *, resume: bool = False, on_start: Any = No
     client = tracking.client(state.tracking_uri)
     for label, (base, space) in studies.items():
         results = _tuner(label, base, space, state, root, concurrent).fit()
-        if results.num_terminated + results.num_errors < cfg.tune.num_samples:
+        if _ended_trials(client, state, label) < cfg.tune.num_samples:
             _close_unfinished(client, state, "KILLED")
             raise StudyInterrupted(
                 f"study {state.study} interrupted in {label}; continue it with: fisher-scale tune CONFIG --resume"
             )
+        if results.num_errors == cfg.tune.num_samples:
+            _close_unfinished(client, state, "FAILED")
+            raise RuntimeError(f"every trial of study {label} failed; the first error:\n{results.errors[0]}")
         state.best[label] = _best(results, cfg, client, state)
     _finish(client, state, cfg, root)
     return state
@@ -302,6 +305,18 @@ def _best(results: Any, cfg: ExperimentConfig, client: Any, state: StudyState) -
         "checkpoint": checkpoint,
         "errors": results.num_errors,
     }
+
+
+def _ended_trials(client: Any, state: StudyState, label: str) -> int:
+    """Trials that completed, were stopped early or failed. Tune marks the trials it stops on Ctrl+C as
+    terminated too (its saved state still says running), so count the child runs closed by our callback."""
+    runs = client.search_runs(
+        [state.experiment_id],
+        filter_string=f"tags.`{tracking.STUDY_TAG}` = '{state.study}' and tags.study_label = '{label}' "
+        "and attributes.status != 'RUNNING'",
+        max_results=10000,
+    )
+    return len(runs)
 
 
 def _close_unfinished(client: Any, state: StudyState, status: str) -> None:

@@ -1,0 +1,313 @@
+"""Sweeps: search-space checks, the comparison maths, and real studies (Ray Tune + Optuna + MLflow)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fisher_scale.config import ConfigError, build_config
+from fisher_scale.data import default_data_dir
+from fisher_scale.tune.compare import TrialRecord, comparison_table, equal_budget
+from fisher_scale.tune.space import check_study, optuna_distributions, study_spaces
+
+needs_data = pytest.mark.skipif(
+    not (default_data_dir() / "gsm8k" / "test.jsonl").is_file(), reason="needs ../shared/data/gsm8k"
+)
+
+
+def study_tree(tmp_path: Path, **tune: Any) -> dict[str, Any]:
+    """A tiny study: 1-worker trials of a few steps, evaluated on a handful of GSM8K examples."""
+    return {
+        "name": "tune-test",
+        "seed": 3,
+        "lr": 1e-3,
+        "model": {"name": "tiny"},
+        "optimizer": {"name": "adamw"},
+        "data": {"max_length": 512, "max_train_examples": 32, "batch_size": 2},
+        "train": {"steps": 12, "log_every": 2, "checkpoint_every": 4},
+        "eval": {"every": 4, "max_examples": 4, "batch_size": 4, "max_new_tokens": 2},
+        "distributed": {"num_workers": 1, "storage_path": str(tmp_path / "ray")},
+        "tune": {
+            "metric": "gsm8k/loss",
+            "num_samples": 3,
+            "max_concurrent": 1,
+            "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
+            "space": {"lr": {"loguniform": [1e-5, 3e-1]}},
+            **tune,
+        },
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+
+
+# --- search spaces, checked before Ray starts ---
+
+
+def test_default_space_searches_the_issue_keys() -> None:
+    cfg = build_config({"mask": {"enabled": True}})
+    (label, (base, space)), *rest = study_spaces(cfg).items()
+    assert not rest and label == "adafisher" and base is cfg
+    assert set(space) == {"lr", "optimizer.damping", "optimizer.ema_decay", "peft.rank", "mask.ratio"}
+    check_study(cfg)
+
+
+def test_per_optimizer_studies_fix_the_optimizer_and_merge_overrides() -> None:
+    cfg = build_config(
+        {
+            "tune": {
+                "space": {"lr": {"loguniform": [1e-4, 1e-2]}, "optimizer.damping": {"loguniform": [1e-4, 1e-1]}},
+                "optimizers": {"adamw": {"optimizer.damping": None}, "adafish": {"lr": {"loguniform": [1e-2, 1]}}},
+            }
+        }
+    )
+    studies = study_spaces(cfg)
+    assert list(studies) == ["adamw", "adafish"]
+    assert studies["adamw"][0].optimizer.name == "adamw" and set(studies["adamw"][1]) == {"lr"}
+    assert studies["adafish"][0].optimizer.name == "adafish"
+    assert studies["adafish"][1]["lr"].edges() == (1e-2, 1.0)
+    distributions = optuna_distributions(studies["adafish"][1])
+    assert distributions["lr"].log and distributions["optimizer.damping"].high == 1e-1
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ({"optimizer.dampng": {"uniform": [0.1, 0.2]}}, "did you mean optimizer.damping"),
+        ({"lr": {"uniform": [0.1, 0.1]}}, "empty range"),
+        ({"lr": {"loguniform": [0, 0.1]}}, "low > 0"),
+        ({"lr": {"choice": []}}, "empty list"),
+        ({"lr": {"uniform": [0.1, 0.2], "int": [1, 2]}}, "exactly one"),
+        ({"peft.rank": {"choice": [0, 8]}}, "tune.space.peft.rank: value 0 is invalid"),
+        ({"peft.rank": {"uniform": [4, 16]}}, "tune.space.peft.rank: value 8.44 is invalid"),
+        ({"optimizer.ema_decay": {"uniform": [0.5, 1.5]}}, "value 1.5 is invalid"),
+        ({"tune.num_samples": {"int": [1, 3]}}, "not a config key"),
+    ],
+)
+def test_bad_search_space_names_the_key(space: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        check_study(build_config({"tune": {"space": space}}))
+
+
+def test_metric_that_training_never_reports_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"tune.metric: 'glue/sst2/accuracy' is never reported.*gsm8k/loss"):
+        check_study(build_config({"tune": {"metric": "glue/sst2/accuracy"}}))
+    with pytest.raises(ConfigError, match="curvature_contrast/median' is never reported"):
+        check_study(build_config({"optimizer": {"name": "adamw"}, "tune": {"metric": "curvature_contrast/median"}}))
+    cfg = build_config({"data": {"dataset": "glue/mrpc"}, "tune": {"metric": "glue/mrpc/f1", "mode": "max"}})
+    check_study(cfg)  # MRPC reports F1
+
+
+def test_asha_needs_the_metric_before_its_grace_period() -> None:
+    tune = {"scheduler": "asha", "grace_period": 10}
+    with pytest.raises(ConfigError, match=r"set eval\.every"):
+        check_study(build_config({"tune": tune}))  # eval only at the end
+    with pytest.raises(ConfigError, match=r"must be below train\.steps"):
+        check_study(build_config({"train": {"steps": 10}, "eval": {"every": 5}, "tune": tune}))
+    check_study(build_config({"eval": {"every": 5}, "tune": tune}))
+
+
+def test_searching_the_optimizer_and_listing_optimizers_conflict() -> None:
+    space = {"optimizer.name": {"choice": ["adamw", "adafisher"]}}
+    assert list(study_spaces(build_config({"tune": {"space": space}}))) == ["searched"]
+    with pytest.raises(ConfigError, match=r"tune\.optimizers already fixes"):
+        study_spaces(build_config({"tune": {"space": space, "optimizers": {"adamw": {}}}}))
+
+
+# --- the comparison ---
+
+
+def record(run: str, study: str, optimizer: str, start: int, metric: dict[int, float], times: dict[int, float]):
+    rec = TrialRecord(run, study, optimizer, start, {"lr": "0.01"})
+    rec.history = {"m": metric, "time/train_s": times, "loss": metric}
+    return rec
+
+
+def test_comparison_table_medians_over_studies_and_time_to_target() -> None:
+    records = [
+        # study A: adamw's best final 0.5 (reaches 0.6 at step 4, t=2), adafisher's best 0.3 (reaches at 2, t=1.5)
+        record("1", "A", "adamw", 1, {2: 0.9, 4: 0.6, 6: 0.5}, {2: 1.0, 4: 2.0, 6: 3.0}),
+        record("2", "A", "adamw", 2, {2: 0.95, 4: 0.8}, {2: 1.0, 4: 2.0}),
+        record("3", "A", "adafisher", 3, {2: 0.55, 4: 0.3}, {2: 1.5, 4: 3.0}),
+        # study B: adamw 0.7 never reaches 0.6; adafisher 0.4 reaches at step 4 (t=2.5)
+        record("4", "B", "adamw", 1, {2: 0.8, 4: 0.7}, {2: 1.0, 4: 2.0}),
+        record("5", "B", "adafisher", 2, {2: 0.7, 4: 0.4}, {2: 1.2, 4: 2.5}),
+    ]
+    rows = {row["optimizer"]: row for row in comparison_table(records, "m", "min", target=0.6)}
+    assert rows["adamw"]["trials"] == 3 and rows["adamw"]["studies"] == 2
+    assert rows["adamw"]["best m"] == 0.5
+    assert rows["adamw"]["median best m"] == pytest.approx((0.5 + 0.7) / 2)
+    assert rows["adamw"]["median steps to target"] == 4 and rows["adamw"]["studies reaching target"] == 1
+    assert rows["adamw"]["median train s to target"] == 2.0
+    assert rows["adafisher"]["median steps to target"] == pytest.approx((2 + 4) / 2)
+    assert rows["adafisher"]["median train s to target"] == pytest.approx((1.5 + 2.5) / 2)
+    kept = equal_budget(records)  # study A: adamw has 2 trials, adafisher 1 -> adamw keeps its first
+    assert sorted(r.run_id for r in kept) == ["1", "3", "4", "5"]
+    rows = {row["optimizer"]: row for row in comparison_table(records, "m", "max")}
+    assert rows["adamw"]["best m"] == 0.8 and "median steps to target" not in rows["adamw"]
+
+
+# --- tracking server ---
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_tracking_server_fails_before_any_trial(tmp_path: Path) -> None:
+    from fisher_scale.tune.study import run_study
+
+    tree = study_tree(tmp_path)
+    tree["tracking"]["uri"] = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"cannot reach the MLflow tracking server at http://127\.0\.0\.1"):
+        run_study(build_config(tree))
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "ray").exists()  # nothing was started or written
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """A real ``mlflow server`` on loopback with its own SQLite store and artifact folder."""
+    port = free_port()
+    log = (tmp_path / "mlflow-server.log").open("w")
+    process = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    for _ in range(120):
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as reply:
+                if reply.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(process.pid, signal.SIGTERM)
+        pytest.fail(f"mlflow server did not start: {(tmp_path / 'mlflow-server.log').read_text()[-2000:]}")
+    yield url
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=30)
+
+
+@needs_data
+def test_sweep_with_early_stopping_runs_to_the_end_tracked_on_a_server(
+    ray_session: None, tmp_path: Path, mlflow_server: str
+) -> None:
+    """ASHA stops trials (their Train placement groups are freed, the next trials run), and MLflow on a
+    real server gets a parent run with one finished child per trial, params, step metrics and artifacts."""
+    import optuna
+    from mlflow import MlflowClient
+
+    from fisher_scale.tune.study import run_study
+
+    tree = study_tree(tmp_path, scheduler="asha", grace_period=4, reduction_factor=2)
+    tree["tracking"]["uri"] = mlflow_server
+    cfg = build_config(tree)
+    state = run_study(cfg)
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("tune-test")
+    parent = client.get_run(state.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.params["tune.metric"] == "gsm8k/loss"
+    children = client.search_runs([experiment.experiment_id], filter_string="tags.`fisher_scale.kind` = 'trial'")
+    assert len(children) == 3
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {state.parent_run_id}
+    assert len({c.data.tags["ray_trial_id"] for c in children}) == 3
+    assert all(c.info.status == "FINISHED" for c in children)
+    last_steps = []
+    for child in children:
+        assert child.data.params["optimizer.name"] == "adamw" and "lr" in child.data.params
+        assert child.data.params["distributed.num_workers"] == "1"
+        losses = client.get_metric_history(child.info.run_id, "loss")
+        evals = client.get_metric_history(child.info.run_id, "gsm8k/loss")
+        assert [m.step for m in evals] == sorted({m.step for m in evals}) and evals
+        last_steps.append(max(m.step for m in losses))
+    assert min(last_steps) < cfg.train.steps, f"ASHA stopped nothing: last steps {last_steps}"
+    assert max(last_steps) == cfg.train.steps
+    best = state.best["adamw"]
+    assert best["trial_id"] in {c.data.tags["ray_trial_id"] for c in children}
+    assert {a.path for a in client.list_artifacts(best["run_id"], "adapter")} >= {"adapter/adapter_config.json"}
+    parent_artifacts = {a.path for a in client.list_artifacts(state.parent_run_id)}
+    assert {"best_adapter", "plots", "config.json", "comparison.json"} <= parent_artifacts
+    plots = {a.path for a in client.list_artifacts(state.parent_run_id, "plots")}
+    assert {"plots/training_curves.png", "plots/gsm8k_loss_vs_lr.png", "plots/gsm8k_loss_vs_time.png"} <= plots
+    study = optuna.load_study(study_name=f"{state.study}/adamw", storage=cfg.tune.storage)
+    assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
+
+
+def mlflow_children(db: Path) -> list[Any]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("tune-test")
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], filter_string="tags.`fisher_scale.kind` = 'trial'")
+
+
+@needs_data
+def test_interrupted_study_resumes_without_lost_or_duplicated_trials(tmp_path: Path) -> None:
+    """Ctrl+C after the first trial finished, then ``--resume``: every trial ends once, one MLflow run
+    each, in the same parent run and Optuna study."""
+    import optuna
+    from mlflow import MlflowClient
+
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study_tree(tmp_path, num_samples=2)))
+    command = [str(Path(sys.executable).parent / "fisher-scale"), "tune", str(config)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while not any(run.info.status == "FINISHED" for run in mlflow_children(tmp_path / "mlflow.db")):
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no trial finished in 300 s"
+        time.sleep(2)
+    first.send_signal(signal.SIGINT)
+    assert first.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()[-3000:]
+    interrupted = mlflow_children(tmp_path / "mlflow.db")
+    assert len(interrupted) in (1, 2) and sum(r.info.status == "FINISHED" for r in interrupted) == 1
+
+    resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    children = mlflow_children(tmp_path / "mlflow.db")
+    assert len(children) == 2 and all(run.info.status == "FINISHED" for run in children)
+    assert len({run.data.tags["ray_trial_id"] for run in children}) == 2
+    assert {run.info.run_id for run in interrupted} <= {run.info.run_id for run in children}
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tune-test")
+    parents = client.search_runs([experiment.experiment_id], filter_string="tags.`fisher_scale.kind` = 'study'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert {run.data.tags["mlflow.parentRunId"] for run in children} == {parents[0].info.run_id}
+    study = optuna.load_study(
+        study_name=f"{parents[0].data.tags['fisher_scale.study']}/adamw", storage=f"sqlite:///{tmp_path / 'optuna.db'}"
+    )
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 2
