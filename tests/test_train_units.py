@@ -96,6 +96,10 @@ def test_every_shipped_config_validates() -> None:
     for path in configs:
         cfg = load_config(path)
         assert cfg.name and cfg.train.steps > 0, path
+        if "\ntune:" in path.read_text():  # a study config: its search space and metric are checked too
+            from fisher_scale.tune.space import check_study
+
+            assert check_study(cfg), path
 
 
 def test_paths_are_resolved_and_missing_data_is_a_config_error(tmp_path) -> None:
