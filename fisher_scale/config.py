@@ -103,6 +103,9 @@ class TrainConfig(Section):
     skip_nonfinite: bool = Field(False, description="skip a step with a NaN/inf loss or gradient instead of failing")
     resume_from: str | None = Field(None, description="a checkpoint directory of an earlier run to continue from")
     max_grad_norm: float | None = Field(None, gt=0)
+    profile: bool = Field(
+        False, description="split step time into forward/backward/optimizer/communication (GPU: synchronises)"
+    )
 
 
 class DistributedConfig(Section):

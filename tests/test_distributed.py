@@ -88,3 +88,38 @@ def test_two_ranks_equal_one_rank_for_every_stage_optimizer_and_mask(tmp_path: P
         if difference > 1e-4:
             failures.append(f"{name}: {difference:.2e}")
     assert not failures, failures
+
+
+def test_profiled_steps_split_time_and_report_memory_and_size(tmp_path: Path) -> None:
+    """``train.profile``: forward/backward/optimizer/communication add up to at most the step time, ZeRO's
+    collectives are seen, and the reported parameter count is the model's (counted here independently)."""
+    from fisher_scale.models import Lora, apply_lora, load_model
+
+    jobs = [
+        (
+            f"zero{stage}",
+            experiment(
+                f"zero{stage}",
+                tmp_path,
+                distributed__zero_stage=stage,
+                train__profile=True,
+                train__steps=6,
+                train__log_every=3,
+            ),
+            None,
+        )
+        for stage in (2, 3)
+    ]
+    run_jobs(2, jobs, tmp_path)
+    lora = Lora(rank=4, target_modules=("q_proj", "v_proj", "down_proj"))
+    expected = sum(p.numel() for p in apply_lora(load_model("tiny"), lora, task="causal_lm").parameters())
+    for name, _, _ in jobs:
+        reports = torch.load(tmp_path / f"{name}-reports.pt")
+        assert [r["step"] for r in reports] == [3, 6]
+        for report in reports:
+            phases = sum(report[f"time/{p}_s"] for p in ("forward", "backward", "optimizer"))
+            assert report["time/comm_s"] > 0, name
+            assert 0.3 * report["step_time_s"] < phases + report["time/comm_s"] <= 1.01 * report["step_time_s"]
+            assert min(report[f"time/{p}_s"] for p in ("forward", "backward", "optimizer")) > 0
+            assert report["memory/peak_bytes"] > 50 * 2**20
+            assert report["model/parameters"] == expected, name

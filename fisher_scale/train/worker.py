@@ -24,6 +24,7 @@ from fisher_scale.train.batches import StepBatches
 from fisher_scale.train.dataset import TrainingSet
 from fisher_scale.train.engine import deepspeed_config, init_distributed
 from fisher_scale.train.guard import NonFiniteGuard
+from fisher_scale.train.profile import PHASES, StepProfiler, peak_memory_bytes
 from fisher_scale.train.zero import functional_model, gathered_parameters, partition_pieces
 
 
@@ -58,6 +59,8 @@ class Run:
 
         self.cfg, self.rank, self.world, self.reporter = cfg, rank, world, reporter
         init_distributed(cfg.distributed.use_gpu)
+        self.profiler = StepProfiler(cfg.train.profile, cuda=cfg.distributed.use_gpu)
+        self.profiler.install()
         torch.manual_seed(cfg.seed)
         self.data = TrainingSet(cfg)
         self.model = build_model(cfg, self.data.num_labels)
@@ -73,6 +76,7 @@ class Run:
         self.engine, *_ = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, config=deepspeed_config(cfg, world)
         )
+        self.parameters = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
         partitions = partition_pieces(self.engine, self.model)
         self.pieces = whole_parameters(self.model) if partitions is None else partitions
         if partitions is not None and isinstance(self.optimizer, FisherOptimizer):
@@ -140,11 +144,15 @@ class Run:
         for batch in micro_batches:
             if isinstance(self.optimizer, FisherOptimizer):
                 self.optimizer.curvature.token_mask = batch["attention_mask"]
-            loss = self.data.loss(self.engine, batch, items / self.world)
+            with self.profiler.phase("forward"):
+                loss = self.data.loss(self.engine, batch, items / self.world)
             loss_sum += loss.detach() * items / self.world
             self.guard.check_loss(loss, step)
-            self.engine.backward(loss, scale_wrt_gas=False)
-            self.engine.step()
+            with self.profiler.phase("backward"):
+                self.engine.backward(loss, scale_wrt_gas=False)
+            with self.profiler.phase("optimizer"):
+                self.engine.step()
+        self.profiler.step_done()
         torch.distributed.all_reduce(loss_sum)
         elapsed = time.perf_counter() - started
         tokens = torch.tensor([float(sum(int(b["attention_mask"].sum()) for b in micro_batches))])
@@ -163,6 +171,11 @@ class Run:
         metrics["optimizer_state_bytes_per_rank"] = optimizer_state_bytes(self.optimizer)
         metrics["skipped_steps"] = self.history["skipped_steps"] + self.guard.skipped
         metrics["time/train_s"] = self.history["train_time_s"]
+        metrics.update(self.profiler.take())
+        peak = torch.tensor([float(peak_memory_bytes(self.cfg.distributed.use_gpu))])
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+        metrics["memory/peak_bytes"] = int(peak[0])
+        metrics["model/parameters"] = self.parameters
         metrics["time/eval_s"] = self.history["eval_time_s"]
         if isinstance(self.optimizer, FisherOptimizer):
             contrast = list(self.optimizer.curvature_contrast().values())
@@ -202,6 +215,7 @@ class Run:
             else:
                 self.reporter(metrics, None)
         self._save_output()
+        self.profiler.uninstall()
 
     def _save(self, directory: Path, next_step: int, metrics: dict[str, Any]) -> None:
         history = {**self.history, "skipped_steps": self.history["skipped_steps"] + self.guard.skipped}
@@ -236,7 +250,9 @@ def reported_metrics(cfg: ExperimentConfig) -> set[str]:
     from fisher_scale.train.evaluation import eval_metric_names
 
     names = {"loss", "lr", "step", "step_time_s", "tokens_per_s", "optimizer_state_bytes_per_rank", "skipped_steps"}
-    names |= {"time/train_s", "time/eval_s"} | eval_metric_names(cfg)
+    names |= {"time/train_s", "time/eval_s", "memory/peak_bytes", "model/parameters"} | eval_metric_names(cfg)
+    if cfg.train.profile:
+        names |= {f"time/{phase}_s" for phase in (*PHASES, "comm")}
     if cfg.optimizer.name != "adamw":
         names |= {"curvature_contrast/median", "curvature_contrast/max"}
     return names

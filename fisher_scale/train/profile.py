@@ -1,0 +1,127 @@
+"""Where a training step's time goes: forward, backward, optimizer (Fisher statistics included) and
+communication, for scaling studies (``train.profile``).
+
+Communication is the time spent inside ``torch.distributed`` collectives (DeepSpeed's included: its
+backend calls them through the module, and its captured all-gather / reduce-scatter functions are
+wrapped too). It is subtracted from the phase it happened in. Collectives are blocking on gloo; on
+GPUs each timed call is bracketed by CUDA synchronisation, which removes the overlap of communication
+with computation, so the split attributes time rather than measuring an overlapped schedule.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+#: torch.distributed collectives that are timed
+COLLECTIVES = (
+    "all_reduce",
+    "all_reduce_coalesced",
+    "reduce",
+    "broadcast",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_to_all_single",
+    "barrier",
+)
+PHASES = ("forward", "backward", "optimizer")
+
+
+class StepProfiler:
+    """Per-phase wall time and collective time, accumulated until :meth:`take`; a no-op when disabled."""
+
+    def __init__(self, enabled: bool, cuda: bool = False) -> None:
+        self.enabled, self.cuda = enabled, cuda
+        self.wall: dict[str, float] = defaultdict(float)
+        self.comm: dict[str, float] = defaultdict(float)
+        self.steps = 0
+        self._phase = "other"
+        self._restore: list[tuple[Any, str, Any]] = []
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def _timed(self, function: Callable) -> Callable:
+        @functools.wraps(function)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self._sync()
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self._sync()
+                self.comm[self._phase] += time.perf_counter() - started
+
+        return timed
+
+    def install(self) -> None:
+        """Wrap the collectives (call after the process group and DeepSpeed's backend exist)."""
+        if not self.enabled or self._restore:
+            return
+        targets: list[tuple[Any, str]] = [(torch.distributed, name) for name in COLLECTIVES]
+        try:
+            from deepspeed.comm import comm as ds_comm
+
+            if ds_comm.cdb is not None:
+                targets += [(ds_comm.cdb, "all_gather_function"), (ds_comm.cdb, "reduce_scatter_function")]
+        except ImportError:
+            pass
+        for owner, name in targets:
+            original = getattr(owner, name, None)
+            if callable(original):
+                self._restore.append((owner, name, original))
+                setattr(owner, name, self._timed(original))
+
+    def uninstall(self) -> None:
+        for owner, name, original in reversed(self._restore):
+            setattr(owner, name, original)
+        self._restore = []
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        self._sync()
+        started, self._phase = time.perf_counter(), name
+        try:
+            yield
+        finally:
+            self._sync()
+            self.wall[name] += time.perf_counter() - started
+            self._phase = "other"
+
+    def step_done(self) -> None:
+        self.steps += self.enabled
+
+    def take(self) -> dict[str, float]:
+        """Mean seconds per optimizer step since the last call: ``time/<phase>_s`` (communication
+        excluded) and ``time/comm_s`` (the collectives inside those phases; bookkeeping reductions
+        and evaluation outside them are not counted); then starts over."""
+        if not self.enabled or not self.steps:
+            return {}
+        metrics = {f"time/{p}_s": (self.wall[p] - self.comm[p]) / self.steps for p in PHASES}
+        metrics["time/comm_s"] = sum(self.comm[p] for p in PHASES) / self.steps
+        self.wall.clear()
+        self.comm.clear()
+        self.steps = 0
+        return metrics
+
+
+def peak_memory_bytes(cuda: bool) -> int:
+    """This process's peak memory: CUDA allocations on GPUs, else the resident set's high-water mark."""
+    if cuda:
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
