@@ -78,7 +78,8 @@ def _train(args: argparse.Namespace, console: Console) -> int:
 
 def _tune(args: argparse.Namespace, console: Console) -> int:
     from fisher_scale.config import load_config
-    from fisher_scale.tune.study import StudyInterrupted, optuna_storage, run_study
+    from fisher_scale.tune.experiment import StudyInterrupted
+    from fisher_scale.tune.study import optuna_storage, run_study
 
     cfg = load_config(args.config, args.set)
 

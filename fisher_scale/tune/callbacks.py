@@ -19,18 +19,26 @@ from fisher_scale.config import ExperimentConfig, with_values
 _TUNE_KEYS = {*AUTO_RESULT_KEYS, "trial_id", "done", "config", "checkpoint_dir_name", "should_checkpoint"}
 
 
-def trial_config(base: dict[str, Any], values: dict[str, Any], trial_id: str) -> ExperimentConfig:
+def trial_values(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's dotted-key values: Optuna samples them as the trial config; a scaling grid passes each
+    point as one dict under ``point`` (Tune's grid search over whole points)."""
+    return config.get("point", config)
+
+
+def trial_config(base: dict[str, Any], config: dict[str, Any], trial_id: str) -> ExperimentConfig:
     """The resolved config of one trial: the study's base config with its sampled point."""
-    return with_values(ExperimentConfig.model_validate(base), values, origin=f"trial {trial_id}")
+    return with_values(ExperimentConfig.model_validate(base), trial_values(config), origin=f"trial {trial_id}")
 
 
 class MlflowTrials(Callback):
     """One MLflow child run per trial under the study's parent run, tagged with the Ray trial id, so a
     trial resumed after an interruption logs into the run it started (no duplicates)."""
 
-    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, study: str, label: str, base: dict) -> None:
+    def __init__(
+        self, uri: str, experiment_id: str, parent_run_id: str, study: str, label: str, base: dict, kind: str = "trial"
+    ) -> None:
         self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
-        self.study, self.label, self.base = study, label, base
+        self.study, self.label, self.base, self.kind = study, label, base, kind
         self._client: Any = None
         self._runs: dict[str, str] = {}
 
@@ -57,7 +65,7 @@ class MlflowTrials(Callback):
                     tracking.PARENT_TAG: self.parent_run_id,
                     tracking.TRIAL_TAG: trial.trial_id,
                     tracking.STUDY_TAG: self.study,
-                    tracking.KIND_TAG: "trial",
+                    tracking.KIND_TAG: self.kind,
                     "optimizer": cfg.optimizer.name,
                     "study_label": self.label,
                 },
@@ -120,7 +128,7 @@ class TrialTable(Callback):
         return table
 
     def _update(self, trial: Any, **fields: Any) -> None:
-        row = self._rows.setdefault(trial.trial_id, {"config": dict(trial.config)})
+        row = self._rows.setdefault(trial.trial_id, {"config": dict(trial_values(trial.config))})
         row["status"] = fields.pop("status", trial.status)
         row.update(fields)
         if self._live is None:

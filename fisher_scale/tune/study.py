@@ -1,43 +1,29 @@
-"""``fisher-scale tune``: a hyperparameter study as Ray Tune ``Tuner`` runs searched by Optuna.
-
-Layout of a study in Ray storage (``distributed.storage_path``, default ``~/ray_results``)::
-
-    <name>-<YYYYmmdd-HHMMSS>/   study.json (resolved config, MLflow ids, finished flag)
-        <label>/                one Tune experiment per Optuna study (per optimizer with tune.optimizers)
-        train/<trial id>/       each trial's Ray Train run; a restarted trial resumes from its checkpoints
-        outputs/<trial id>/     each trial's final adapter and result.json (local storage)
+"""``fisher-scale tune``: a hyperparameter study as Ray Tune ``Tuner`` runs searched by Optuna, one
+Optuna study per optimizer with ``tune.optimizers`` (see ``experiment`` for the storage layout).
 
 MLflow: experiment ``name``; one parent run per study, one child run per trial (see callbacks).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
 from fisher_scale import tracking
-from fisher_scale.config import ConfigError, ExperimentConfig, flatten
-from fisher_scale.train.launcher import (
-    check_local_resources,
-    check_resources,
-    fit,
-    resolve_paths,
-    start_ray,
-    trainer,
+from fisher_scale.config import ConfigError, ExperimentConfig
+from fisher_scale.tune.experiment import (
+    StudyState,
+    finish_study,
+    fit_tuner,
+    make_tuner,
+    open_study,
+    start_cluster,
 )
 from fisher_scale.tune.space import check_study, optuna_distributions
-
-#: A trial is a light driver of its Ray Train workers. Holding a CPU would starve its own workers on
-#: a small machine (2 CPUs: a 2-worker trial would wait forever), and an empty request is refused,
-#: so trials hold a sliver of the head node's marker resource: no CPU, run on the head, any cluster.
-TRIAL_RESOURCES = {"node:__internal_head__": 0.001}
 
 
 class EvalStepOptunaSearch(OptunaSearch):
@@ -47,66 +33,6 @@ class EvalStepOptunaSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if self.metric in result:
             super().on_trial_result(trial_id, result)
-
-
-class StudyInterrupted(RuntimeError):
-    """The study stopped before all trials finished (Ctrl+C); ``--resume`` continues it."""
-
-
-@dataclass
-class StudyState:
-    """What ``study.json`` keeps so that ``--resume`` finds the same MLflow runs and config."""
-
-    study: str
-    config: dict[str, Any]
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
-    finished: bool = False
-    best: dict[str, Any] = field(default_factory=dict)
-
-
-def storage_root(cfg: ExperimentConfig) -> str:
-    return cfg.distributed.storage_path or str(Path("~/ray_results").expanduser())
-
-
-def _filesystem(path: str) -> tuple[Any, str]:
-    from pyarrow import fs
-
-    if "://" in path:
-        return fs.FileSystem.from_uri(path)
-    return fs.LocalFileSystem(), path
-
-
-def _write_state(root: str, state: StudyState) -> None:
-    filesystem, base = _filesystem(root)
-    filesystem.create_dir(f"{base}/{state.study}", recursive=True)
-    with filesystem.open_output_stream(f"{base}/{state.study}/study.json") as out:
-        out.write(json.dumps(asdict(state), indent=2).encode())
-
-
-def find_resumable(root: str, name: str) -> StudyState | None:
-    """The newest unfinished study of this name under ``root``."""
-    from pyarrow import fs
-
-    filesystem, base = _filesystem(root)
-    if filesystem.get_file_info(base).type != fs.FileType.Directory:
-        return None
-    folders = sorted(
-        (info.base_name for info in filesystem.get_file_info(fs.FileSelector(base))),
-        reverse=True,
-    )
-    for folder in folders:
-        if not folder.startswith(f"{name}-"):
-            continue
-        path = f"{base}/{folder}/study.json"
-        if filesystem.get_file_info(path).type != fs.FileType.File:
-            continue
-        with filesystem.open_input_stream(path) as stream:
-            state = StudyState(**json.loads(stream.read()))
-        if not state.finished:
-            return state
-    return None
 
 
 def optuna_storage(url: str) -> Any:
@@ -120,36 +46,6 @@ def optuna_storage(url: str) -> Any:
         return optuna.storages.RDBStorage(url)
     except Exception as error:  # sqlalchemy raises many kinds; the user needs the URL and the reason
         raise ConfigError(f"tune.storage: cannot open Optuna storage {url}: {error}") from None
-
-
-def run_trial(values: dict[str, Any], base: dict[str, Any] | None = None, root: str = "") -> None:
-    """The Tune trainable: one training run of the study's base config with the sampled values.
-    Its Ray Train run is named by the trial id, so a restarted trial resumes from its checkpoints."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from fisher_scale.tune.callbacks import trial_config
-
-    trial_id = tune.get_context().get_trial_id()
-    cfg = trial_config(base or {}, values, trial_id)
-    output = Path(tune.get_context().get_trial_dir()) / "output" if "://" in root else Path(root) / "outputs" / trial_id
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"output_dir": str(output)})})
-    fit(trainer(cfg, run_name=trial_id, storage_path=f"{root}/train", callbacks=[TuneReportCallback()]), cfg)
-
-
-def _start_tracking(cfg: ExperimentConfig, study: str) -> StudyState:
-    uri = tracking.tracking_uri(cfg)
-    client = tracking.client(uri)
-    experiment = tracking.experiment_id(client, cfg.name, uri)
-    run = client.create_run(
-        experiment,
-        run_name=study,
-        tags={tracking.STUDY_TAG: study, tracking.KIND_TAG: "study", "searched": ",".join(sorted(_searched(cfg)))},
-    )
-    params = {k: v for k, v in flatten(cfg).items() if not k.startswith("tracking.")}
-    tracking.log_params(client, run.info.run_id, params)
-    client.log_dict(run.info.run_id, cfg.model_dump(mode="json"), "config.json")
-    return StudyState(study, cfg.model_dump(mode="json"), uri, experiment, run.info.run_id)
 
 
 def _searched(cfg: ExperimentConfig) -> set[str]:
@@ -168,23 +64,12 @@ def _max_concurrent(cfg: ExperimentConfig, resources: dict[str, float]) -> int:
     return max(1, int(resources.get("CPU", 0) // (dist.num_workers * dist.cpus_per_worker)))
 
 
-def _tuner(label: str, base: ExperimentConfig, space: dict, state: StudyState, root: str, concurrent: int) -> Any:
-    """A new Tune experiment for one Optuna study, or the interrupted one restored from storage."""
-    from ray import tune
+def _search(label: str, base: ExperimentConfig, space: dict, state: StudyState) -> Any:
+    """Optuna (TPE or random, seeded) over the space, stored where optuna-dashboard can read it, and ASHA."""
+    import optuna
     from ray.tune.schedulers import ASHAScheduler
 
-    from fisher_scale.tune.callbacks import MlflowTrials, TrialTable
-
-    study_root = f"{root}/{state.study}"
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base.model_dump(mode="json"), root=study_root), TRIAL_RESOURCES
-    )
-    path = f"{study_root}/{label}"
-    if tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     cfg = base.tune
-    import optuna
-
     sampler = (
         optuna.samplers.TPESampler(seed=base.seed)
         if cfg.sampler == "tpe"
@@ -210,73 +95,45 @@ def _tuner(label: str, base: ExperimentConfig, space: dict, state: StudyState, r
         if cfg.scheduler == "asha"
         else None
     )
-    callbacks = [
-        MlflowTrials(
-            state.tracking_uri,
-            state.experiment_id,
-            state.parent_run_id,
-            state.study,
-            label,
-            base.model_dump(mode="json"),
-        ),
-        TrialTable(label, cfg.metric, cfg.mode, sorted(space)),
-    ]
-    return tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            search_alg=search,
-            scheduler=scheduler,
-            num_samples=cfg.num_samples,
-            max_concurrent_trials=concurrent,
-        ),
-        run_config=tune.RunConfig(name=label, storage_path=study_root, callbacks=callbacks, verbose=0),
-    )
+    return search, scheduler
 
 
-def run_study(cfg: ExperimentConfig, *, resume: bool = False, on_start: Any = None) -> StudyState:
+def run_study(
+    cfg: ExperimentConfig, *, resume: bool = False, on_start: Callable[[StudyState, str], None] | None = None
+) -> StudyState:
     """Check everything, then run (or resume) every Optuna study of ``cfg``; returns the final state.
 
     ``on_start(state, root)`` is called once the study's folder and MLflow parent run exist."""
-    import ray
+    from ray import tune
 
-    cfg = resolve_paths(cfg)
-    root = storage_root(cfg)
-    state = find_resumable(root, cfg.name) if resume else None
-    if resume and state is None:
-        raise ConfigError(f"--resume: no unfinished study named {cfg.name!r} under {root}")
-    if state is not None:
-        cfg = ExperimentConfig.model_validate(state.config)
-    studies = check_study(cfg)
-    tracking.check_reachable(tracking.tracking_uri(cfg))
-    optuna_storage(cfg.tune.storage)
-    for base, _ in studies.values():
-        check_local_resources(base)
-    if state is None:
-        state = _start_tracking(cfg, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        _write_state(root, state)
-    else:
-        tracking.client(state.tracking_uri).update_run(state.parent_run_id, status="RUNNING")
-    if on_start is not None:
-        on_start(state, root)
-    # training reports eval metrics only on eval steps; check_study has already made sure the metric is
-    # reported, so Tune's check that every result carries it would only reject the training reports
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    start_ray(cfg, log_to_driver=False)
-    resources = ray.cluster_resources()
-    for base, _ in studies.values():
-        check_resources(base, resources)
+    studies: dict[str, tuple[ExperimentConfig, dict]] = {}
+
+    def check(cfg: ExperimentConfig) -> list[ExperimentConfig]:
+        studies.update(check_study(cfg))
+        optuna_storage(cfg.tune.storage)
+        return [base for base, _ in studies.values()]
+
+    tags = {"searched": ",".join(sorted(_searched(cfg)))}
+    cfg, state, root = open_study(cfg, kind="tune", resume=resume, check=check, tags=tags, on_start=on_start)
+    resources = start_cluster(cfg, [base for base, _ in studies.values()])
     concurrent = _max_concurrent(cfg, resources)
     client = tracking.client(state.tracking_uri)
     for label, (base, space) in studies.items():
-        results = _tuner(label, base, space, state, root, concurrent).fit()
-        if _ended_trials(client, state, label) < cfg.tune.num_samples:
-            _close_unfinished(client, state, "KILLED")
-            raise StudyInterrupted(
-                f"study {state.study} interrupted in {label}; continue it with: fisher-scale tune CONFIG --resume"
-            )
-        if results.num_errors == cfg.tune.num_samples:
-            _close_unfinished(client, state, "FAILED")
-            raise RuntimeError(f"every trial of study {label} failed; the first error:\n{results.errors[0]}")
+        search, scheduler = _search(label, base, space, state)
+        tune_config = tune.TuneConfig(
+            search_alg=search, scheduler=scheduler, num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrent
+        )
+        tuner = make_tuner(
+            label,
+            base,
+            state,
+            root,
+            tune_config=tune_config,
+            keys=sorted(space),
+            metric=cfg.tune.metric,
+            mode=cfg.tune.mode,
+        )
+        results = fit_tuner(tuner, state, label, cfg.tune.num_samples)
         state.best[label] = _best(results, cfg, client, state)
     _finish(client, state, cfg, root)
     return state
@@ -307,28 +164,6 @@ def _best(results: Any, cfg: ExperimentConfig, client: Any, state: StudyState) -
     }
 
 
-def _ended_trials(client: Any, state: StudyState, label: str) -> int:
-    """Trials that completed, were stopped early or failed. Tune marks the trials it stops on Ctrl+C as
-    terminated too (its saved state still says running), so count the child runs closed by our callback."""
-    runs = client.search_runs(
-        [state.experiment_id],
-        filter_string=f"tags.`{tracking.STUDY_TAG}` = '{state.study}' and tags.study_label = '{label}' "
-        "and attributes.status != 'RUNNING'",
-        max_results=10000,
-    )
-    return len(runs)
-
-
-def _close_unfinished(client: Any, state: StudyState, status: str) -> None:
-    """Runs of trials Tune killed stay RUNNING in MLflow unless closed; the parent too."""
-    runs = client.search_runs(
-        [state.experiment_id],
-        filter_string=f"tags.`{tracking.STUDY_TAG}` = '{state.study}' and attributes.status = 'RUNNING'",
-    )
-    for run in runs:
-        client.set_terminated(run.info.run_id, status=status)
-
-
 def _finish(client: Any, state: StudyState, cfg: ExperimentConfig, root: str) -> None:
     """Best metrics and adapters on the parent run, comparison plots, the study marked finished."""
     from fisher_scale.tune.compare import study_report
@@ -347,6 +182,4 @@ def _finish(client: Any, state: StudyState, cfg: ExperimentConfig, root: str) ->
     with tempfile.TemporaryDirectory() as tmp:  # the plots live in MLflow (local storage keeps a copy)
         plots = Path(tmp) if "://" in root else Path(root) / state.study / "plots"
         study_report(client, state, cfg, plots_dir=plots)
-    _close_unfinished(client, state, "FINISHED")
-    state.finished = True
-    _write_state(root, state)
+    finish_study(root, state)

@@ -1,0 +1,259 @@
+"""What every study (an Optuna search, a scaling grid) shares: its folder and ``study.json`` in Ray
+storage, the MLflow parent run, the trainable that runs one training job per trial, the Tuner with
+the MLflow and live-table callbacks, and detection of an interrupted run for ``--resume``.
+
+Layout of a study in Ray storage (``distributed.storage_path``, default ``~/ray_results``)::
+
+    <name>-<YYYYmmdd-HHMMSS>/   study.json (resolved config, MLflow ids, finished flag)
+        <label>/                one Tune experiment per Optuna study / scaling grid
+        train/<trial id>/       each trial's Ray Train run; a restarted trial resumes from its checkpoints
+        outputs/<trial id>/     each trial's final adapter and result.json (local storage)
+        plots/                  the study's plots (also in MLflow)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fisher_scale import tracking
+from fisher_scale.config import ConfigError, ExperimentConfig, flatten
+from fisher_scale.train.launcher import (
+    check_local_resources,
+    check_resources,
+    fit,
+    resolve_paths,
+    start_ray,
+    trainer,
+)
+
+#: A trial is a light driver of its Ray Train workers. Holding a CPU would starve its own workers on
+#: a small machine (2 CPUs: a 2-worker trial would wait forever), and an empty request is refused,
+#: so trials hold a sliver of the head node's marker resource: no CPU, run on the head, any cluster.
+TRIAL_RESOURCES = {"node:__internal_head__": 0.001}
+
+
+class StudyInterrupted(RuntimeError):
+    """The study stopped before all trials finished (Ctrl+C); ``--resume`` continues it."""
+
+
+@dataclass
+class StudyState:
+    """What ``study.json`` keeps so that ``--resume`` finds the same MLflow runs and config."""
+
+    study: str
+    config: dict[str, Any]
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    kind: str = "tune"
+    finished: bool = False
+    best: dict[str, Any] = field(default_factory=dict)
+
+
+def storage_root(cfg: ExperimentConfig) -> str:
+    return cfg.distributed.storage_path or str(Path("~/ray_results").expanduser())
+
+
+def _filesystem(path: str) -> tuple[Any, str]:
+    from pyarrow import fs
+
+    if "://" in path:
+        return fs.FileSystem.from_uri(path)
+    return fs.LocalFileSystem(), path
+
+
+def write_state(root: str, state: StudyState) -> None:
+    filesystem, base = _filesystem(root)
+    filesystem.create_dir(f"{base}/{state.study}", recursive=True)
+    with filesystem.open_output_stream(f"{base}/{state.study}/study.json") as out:
+        out.write(json.dumps(asdict(state), indent=2).encode())
+
+
+def find_resumable(root: str, name: str) -> StudyState | None:
+    """The newest unfinished study of this name under ``root``."""
+    from pyarrow import fs
+
+    filesystem, base = _filesystem(root)
+    if filesystem.get_file_info(base).type != fs.FileType.Directory:
+        return None
+    folders = sorted(
+        (info.base_name for info in filesystem.get_file_info(fs.FileSelector(base))),
+        reverse=True,
+    )
+    for folder in folders:
+        if not folder.startswith(f"{name}-"):
+            continue
+        path = f"{base}/{folder}/study.json"
+        if filesystem.get_file_info(path).type != fs.FileType.File:
+            continue
+        with filesystem.open_input_stream(path) as stream:
+            state = StudyState(**json.loads(stream.read()))
+        if not state.finished:
+            return state
+    return None
+
+
+def run_trial(values: dict[str, Any], base: dict[str, Any] | None = None, root: str = "") -> None:
+    """The Tune trainable: one training run of the study's base config with the sampled values.
+    Its Ray Train run is named by the trial id, so a restarted trial resumes from its checkpoints."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from fisher_scale.tune.callbacks import trial_config
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(base or {}, values, trial_id)
+    output = Path(tune.get_context().get_trial_dir()) / "output" if "://" in root else Path(root) / "outputs" / trial_id
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"output_dir": str(output)})})
+    fit(trainer(cfg, run_name=trial_id, storage_path=f"{root}/train", callbacks=[TuneReportCallback()]), cfg)
+
+
+def open_study(
+    cfg: ExperimentConfig,
+    *,
+    kind: str,
+    resume: bool,
+    check: Callable[[ExperimentConfig], list[ExperimentConfig]],
+    tags: dict[str, str] | None = None,
+    on_start: Callable[[StudyState, str], None] | None = None,
+) -> tuple[ExperimentConfig, StudyState, str]:
+    """Everything before the cluster: paths resolved, the newest unfinished study found (``resume``) or a
+    new one named, ``check`` run (it returns every trial config to fit on the machine), the tracking store
+    reached, the MLflow parent run and ``study.json`` written. Returns the config, state and storage root."""
+    cfg = resolve_paths(cfg)
+    root = storage_root(cfg)
+    state = find_resumable(root, cfg.name) if resume else None
+    if resume and state is None:
+        raise ConfigError(f"--resume: no unfinished study named {cfg.name!r} under {root}")
+    if state is not None:
+        cfg = ExperimentConfig.model_validate(state.config)
+    for trial_cfg in check(cfg):
+        check_local_resources(trial_cfg)
+    uri = tracking.tracking_uri(cfg)
+    tracking.check_reachable(uri)
+    client = tracking.client(uri)
+    if state is None:
+        study = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        experiment = tracking.experiment_id(client, cfg.name, uri)
+        run = client.create_run(
+            experiment, run_name=study, tags={tracking.STUDY_TAG: study, tracking.KIND_TAG: kind, **(tags or {})}
+        )
+        params = {k: v for k, v in flatten(cfg).items() if not k.startswith("tracking.")}
+        tracking.log_params(client, run.info.run_id, params)
+        client.log_dict(run.info.run_id, cfg.model_dump(mode="json"), "config.json")
+        state = StudyState(study, cfg.model_dump(mode="json"), uri, experiment, run.info.run_id, kind=kind)
+        write_state(root, state)
+    else:
+        client.update_run(state.parent_run_id, status="RUNNING")
+    if on_start is not None:
+        on_start(state, root)
+    return cfg, state, root
+
+
+def start_cluster(cfg: ExperimentConfig, trial_configs: list[ExperimentConfig]) -> dict[str, float]:
+    """Start or join Ray and check that every trial fits it; returns the cluster's resources."""
+    import ray
+
+    # training reports eval metrics only on eval steps; the studies check beforehand that their metric is
+    # reported, so Tune's check that every result carries it would only reject the training reports
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    start_ray(cfg, log_to_driver=False)
+    resources = ray.cluster_resources()
+    for trial_cfg in trial_configs:
+        check_resources(trial_cfg, resources)
+    return resources
+
+
+def make_tuner(
+    label: str,
+    base: ExperimentConfig,
+    state: StudyState,
+    root: str,
+    *,
+    tune_config: Any,
+    keys: list[str],
+    metric: str,
+    mode: str,
+    param_space: dict[str, Any] | None = None,
+) -> Any:
+    """A new Tune experiment running :func:`run_trial` with the MLflow and live-table callbacks, or the
+    interrupted one of this label restored from storage (callbacks and search state included)."""
+    from ray import tune
+
+    from fisher_scale.tune.callbacks import MlflowTrials, TrialTable
+
+    study_root = f"{root}/{state.study}"
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base.model_dump(mode="json"), root=study_root), TRIAL_RESOURCES
+    )
+    path = f"{study_root}/{label}"
+    if tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    callbacks = [
+        MlflowTrials(
+            state.tracking_uri,
+            state.experiment_id,
+            state.parent_run_id,
+            state.study,
+            label,
+            base.model_dump(mode="json"),
+            kind="point" if state.kind == "scale" else "trial",
+        ),
+        TrialTable(label, metric, mode, keys),
+    ]
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune_config,
+        run_config=tune.RunConfig(name=label, storage_path=study_root, callbacks=callbacks, verbose=0),
+    )
+
+
+def fit_tuner(tuner: Any, state: StudyState, label: str, expected: int) -> Any:
+    """Run a Tuner to the end; an interrupted run (Ctrl+C) or one whose trials all failed is an error."""
+    client = tracking.client(state.tracking_uri)
+    results = tuner.fit()
+    if ended_trials(client, state, label) < expected:
+        close_unfinished(client, state, "KILLED")
+        raise StudyInterrupted(
+            f"{state.study} interrupted in {label}; continue it with: fisher-scale {state.kind} CONFIG --resume"
+        )
+    if results.num_errors == expected:
+        close_unfinished(client, state, "FAILED")
+        raise RuntimeError(f"every trial of {label} failed; the first error:\n{results.errors[0]}")
+    return results
+
+
+def ended_trials(client: Any, state: StudyState, label: str) -> int:
+    """Trials that completed, were stopped early or failed. Tune marks the trials it stops on Ctrl+C as
+    terminated too (its saved state still says running), so count the child runs closed by our callback."""
+    runs = client.search_runs(
+        [state.experiment_id],
+        filter_string=f"tags.`{tracking.STUDY_TAG}` = '{state.study}' and tags.study_label = '{label}' "
+        "and attributes.status != 'RUNNING'",
+        max_results=10000,
+    )
+    return len(runs)
+
+
+def close_unfinished(client: Any, state: StudyState, status: str) -> None:
+    """Runs of trials Tune killed stay RUNNING in MLflow unless closed; the parent too."""
+    runs = client.search_runs(
+        [state.experiment_id],
+        filter_string=f"tags.`{tracking.STUDY_TAG}` = '{state.study}' and attributes.status = 'RUNNING'",
+    )
+    for run in runs:
+        client.set_terminated(run.info.run_id, status=status)
+
+
+def finish_study(root: str, state: StudyState) -> None:
+    """Close the runs still open and mark the study finished (``--resume`` no longer picks it)."""
+    close_unfinished(tracking.client(state.tracking_uri), state, "FINISHED")
+    state.finished = True
+    write_state(root, state)
