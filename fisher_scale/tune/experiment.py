@@ -38,6 +38,10 @@ from fisher_scale.train.launcher import (
 TRIAL_RESOURCES = {"node:__internal_head__": 0.001}
 
 
+#: the MLflow ``fisher_scale.kind`` of a command's parent run (its child runs: ``trial`` / ``point``)
+PARENT_KIND = {"tune": "study", "scale": "scale"}
+
+
 class StudyInterrupted(RuntimeError):
     """The study stopped before all trials finished (Ctrl+C); ``--resume`` continues it."""
 
@@ -142,7 +146,9 @@ def open_study(
         study = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         experiment = tracking.experiment_id(client, cfg.name, uri)
         run = client.create_run(
-            experiment, run_name=study, tags={tracking.STUDY_TAG: study, tracking.KIND_TAG: kind, **(tags or {})}
+            experiment,
+            run_name=study,
+            tags={tracking.STUDY_TAG: study, tracking.KIND_TAG: PARENT_KIND[kind], **(tags or {})},
         )
         params = {k: v for k, v in flatten(cfg).items() if not k.startswith("tracking.")}
         tracking.log_params(client, run.info.run_id, params)
