@@ -111,6 +111,66 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _scale(args: argparse.Namespace, console: Console) -> int:
+    from fisher_scale.config import load_config
+    from fisher_scale.scale.analysis import describe, short_names
+    from fisher_scale.scale.grid import run_scale
+    from fisher_scale.tune.experiment import StudyInterrupted
+
+    cfg = load_config(args.config, args.set)
+
+    def started(state: object, root: str) -> None:
+        console.print(f"scaling study [bold]{state.study}[/bold] in {root}/{state.study}; MLflow {state.tracking_uri}")
+
+    try:
+        report = run_scale(cfg, resume=args.resume, on_start=started)
+    except StudyInterrupted as stopped:
+        console.print(f"[yellow]{stopped}[/yellow]")
+        return 130
+    table = Table(title=f"{report.state.study}: per point (means over steady-state reports)")
+    columns = [*cfg.scale.grid, "params", "tokens/s", "step ms", "fwd/bwd/opt/comm ms", "peak MiB", "state KiB"]
+    if cfg.scale.target_loss is not None:
+        columns += ["steps→target", "train s→target"]
+    names = short_names(list(cfg.scale.grid))
+    for column in (*columns, "final eval"):
+        table.add_column(names.get(column, column), justify="right")
+    for point in report.points:
+        split = "/".join(
+            _fmt(1000 * v if v is not None else None, ".0f")
+            for v in (point.forward_s, point.backward_s, point.optimizer_s, point.comm_s)
+        )
+        row = [str(point.grid[k]) for k in cfg.scale.grid]
+        row += [
+            _fmt(point.parameters, ",d"),
+            _fmt(point.tokens_per_s, ".0f"),
+            _fmt(1000 * point.step_time_s if point.step_time_s else None, ".1f"),
+            split,
+            _fmt(point.peak_bytes / 2**20 if point.peak_bytes else None, ".0f"),
+            _fmt(point.state_bytes / 1024 if point.state_bytes else None, ".1f"),
+        ]
+        if cfg.scale.target_loss is not None:
+            row += [_fmt(point.steps_to_target, "d"), _fmt(point.time_to_target_s, ".2f")]
+        row.append(", ".join(f"{k}={v:.4g}" for k, v in point.final.items()))
+        table.add_row(*row)
+    console.print(table)
+    fits = Table(title="fitted exponents (log-log least squares)")
+    for column in ("quantity", "against", "fixed", "exponent", "R²", "points"):
+        fits.add_column(column)
+    varying = [k for k in cfg.scale.grid if len(cfg.scale.grid[k]) > 1]
+    for fit in report.fits:
+        fixed = describe(fit.fixed, varying)
+        fits.add_row(fit.quantity, fit.against, fixed, f"{fit.exponent:.3f}", f"{fit.r2:.3f}", str(fit.n))
+    console.print(fits)
+    console.print(
+        f"plots: {', '.join(str(p) for p in report.plots)}\n  mlflow ui --backend-store-uri {report.state.tracking_uri}"
+    )
+    return 0
+
+
+def _fmt(value: float | int | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def _compare(args: argparse.Namespace, console: Console) -> int:
     from fisher_scale.tune.compare import compare_experiment
 
@@ -199,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the newest unfinished study of this config's name"
     )
     study.set_defaults(run=_tune)
+
+    scale = commands.add_parser("scale", help="a scaling study: one training run per grid point, fits and plots")
+    scale.add_argument("config", type=Path, help="experiment YAML with a scale section (tune_configs/scale_demo.yaml)")
+    scale.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    scale.add_argument("--resume", action="store_true", help="continue the newest unfinished study of this name")
+    scale.set_defaults(run=_scale)
 
     compare = commands.add_parser("compare", help="table and plots of optimizers from an MLflow experiment")
     compare.add_argument("experiment", help="MLflow experiment name (the config's name)")

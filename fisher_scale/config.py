@@ -199,6 +199,16 @@ class TuneConfig(Section):
     reduction_factor: float = Field(3, gt=1, description="ASHA: keeps 1/reduction_factor at each rung")
 
 
+class ScaleConfig(Section):
+    """``scale.*``: the scaling study that ``fisher-scale scale`` runs (one training run per grid point)."""
+
+    grid: dict[str, tuple[Any, ...]] = Field(
+        default_factory=dict,
+        description="dotted config key (or global_batch) → values; the study runs every combination",
+    )
+    target_loss: float | None = Field(None, description="eval loss for the steps/time-to-target measures")
+
+
 class TrackingConfig(Section):
     """``tracking.*``: MLflow."""
 
@@ -222,6 +232,7 @@ class ExperimentConfig(Section):
     distributed: DistributedConfig = DistributedConfig()
     eval: EvalConfig = EvalConfig()
     tune: TuneConfig = TuneConfig()
+    scale: ScaleConfig = ScaleConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")

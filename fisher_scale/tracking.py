@@ -86,7 +86,8 @@ def experiment_id(mlflow_client: Any, name: str, uri: str) -> str:
     found = mlflow_client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    return mlflow_client.create_experiment(name, artifact_location=artifact_root(uri))
+    root = artifact_root(uri)
+    return mlflow_client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
 
 
 def find_run(mlflow_client: Any, experiment: str, **tags: str) -> str | None:
@@ -125,4 +126,4 @@ def run_params(cfg: ExperimentConfig) -> dict[str, Any]:
     """A trial's params: the flattened resolved config without the study's own sections."""
     from fisher_scale.config import flatten
 
-    return {k: v for k, v in flatten(cfg).items() if not k.startswith(("tune.", "tracking."))}
+    return {k: v for k, v in flatten(cfg).items() if not k.startswith(("tune.", "scale.", "tracking."))}

@@ -65,12 +65,20 @@ def start_ray(cfg: ExperimentConfig, *, log_to_driver: bool = True) -> None:
     ray.init(address=cfg.distributed.address, log_to_driver=log_to_driver, configure_logging=False)
 
 
-def check_local_resources(cfg: ExperimentConfig) -> None:
-    """Without a cluster address the machine is the cluster: check it before starting Ray."""
-    if cfg.distributed.address is None and "RAY_ADDRESS" not in os.environ:
-        import torch
+def local_resources(cfg: ExperimentConfig) -> dict[str, float] | None:
+    """Without a cluster address the machine is the cluster: its CPUs and GPUs (else None)."""
+    if cfg.distributed.address is not None or "RAY_ADDRESS" in os.environ:
+        return None
+    import torch
 
-        check_resources(cfg, {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())})
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def check_local_resources(cfg: ExperimentConfig) -> None:
+    """Check a local machine's resources before starting Ray on it."""
+    resources = local_resources(cfg)
+    if resources is not None:
+        check_resources(cfg, resources)
 
 
 def trainer(

@@ -9,7 +9,7 @@ from typing import Any
 from fisher_scale.config import ConfigError, Dimension, ExperimentConfig, flatten, with_values
 
 #: config sections a study cannot search (they describe the study itself)
-_NOT_SEARCHABLE = ("tune.", "tracking.", "name")
+_NOT_SEARCHABLE = ("tune.", "scale.", "tracking.", "name")
 
 
 def searchable_keys() -> list[str]:

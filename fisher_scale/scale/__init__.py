@@ -1,0 +1,2 @@
+"""Scaling studies: a grid of training runs (``grid``) and their measures, power-law fits and plots
+(``analysis``)."""
