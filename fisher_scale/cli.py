@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import Progress
@@ -76,20 +78,30 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _tune(args: argparse.Namespace, console: Console) -> int:
+def _study(args: argparse.Namespace, console: Console, run: Callable[..., Any]) -> tuple[Any, Any]:
+    """Load the config and run a study command; the result is None when Ctrl+C interrupted it."""
     from fisher_scale.config import load_config
     from fisher_scale.tune.experiment import StudyInterrupted
-    from fisher_scale.tune.study import optuna_storage, run_study
 
     cfg = load_config(args.config, args.set)
 
-    def started(state: object, root: str) -> None:
-        console.print(f"study [bold]{state.study}[/bold] in {root}/{state.study}; MLflow {state.tracking_uri}")
+    def started(state: Any, root: str) -> None:
+        console.print(
+            f"{args.command}: [bold]{state.study}[/bold] in {root}/{state.study}; MLflow {state.tracking_uri}"
+        )
 
     try:
-        state = run_study(cfg, resume=args.resume, on_start=started)
+        return cfg, run(cfg, resume=args.resume, on_start=started)
     except StudyInterrupted as stopped:
         console.print(f"[yellow]{stopped}[/yellow]")
+        return cfg, None
+
+
+def _tune(args: argparse.Namespace, console: Console) -> int:
+    from fisher_scale.tune.study import optuna_storage, run_study
+
+    cfg, state = _study(args, console, run_study)
+    if state is None:
         return 130
     table = Table(title=f"{state.study}: best trial per study ({cfg.tune.metric}, {cfg.tune.mode})")
     for column in ("study", "trial", cfg.tune.metric, "values"):
@@ -112,20 +124,11 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
 
 
 def _scale(args: argparse.Namespace, console: Console) -> int:
-    from fisher_scale.config import load_config
     from fisher_scale.scale.analysis import describe, short_names
     from fisher_scale.scale.grid import run_scale
-    from fisher_scale.tune.experiment import StudyInterrupted
 
-    cfg = load_config(args.config, args.set)
-
-    def started(state: object, root: str) -> None:
-        console.print(f"scaling study [bold]{state.study}[/bold] in {root}/{state.study}; MLflow {state.tracking_uri}")
-
-    try:
-        report = run_scale(cfg, resume=args.resume, on_start=started)
-    except StudyInterrupted as stopped:
-        console.print(f"[yellow]{stopped}[/yellow]")
+    cfg, report = _study(args, console, run_scale)
+    if report is None:
         return 130
     table = Table(title=f"{report.state.study}: per point (means over steady-state reports)")
     columns = [*cfg.scale.grid, "params", "tokens/s", "step ms", "fwd/bwd/opt/comm ms", "peak MiB", "state KiB"]
