@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,20 @@ def check_local_resources(cfg: ExperimentConfig) -> None:
         check_resources(cfg, resources)
 
 
+def metrics_log(path: Path) -> Any:
+    """A Ray Train callback appending every report (rank 0's metrics) to a JSON-lines file, so that the whole
+    history of a run, not just its final metrics, is readable without MLflow."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class MetricsLog(UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as out:
+                out.write(json.dumps(metrics[0], default=str) + "\n")
+
+    return MetricsLog()
+
+
 def trainer(
     cfg: ExperimentConfig,
     *,
@@ -123,7 +138,12 @@ def run_training(cfg: ExperimentConfig, *, run_name: str | None = None) -> dict[
     check_local_resources(cfg)
     start_ray(cfg)
     check_resources(cfg, ray.cluster_resources())
-    return fit(trainer(cfg, run_name=run_name), cfg)
+    history = Path(cfg.train.output_dir) / "metrics.jsonl"
+    history.unlink(missing_ok=True)
+    # Ray Train resumes a run whose name already exists in storage: each invocation gets its own name, and
+    # continuing a run is explicit (train.resume_from)
+    run_name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return fit(trainer(cfg, run_name=run_name, callbacks=[metrics_log(history)]), cfg)
 
 
 def fit(torch_trainer: Any, cfg: ExperimentConfig) -> dict[str, Any]:
