@@ -241,12 +241,6 @@ class ExperimentConfig(Section):
             raise ValueError("optimizer.name=adafish needs peft.enabled=true (it preconditions LoRA's r×r sides)")
         if self.mask.enabled and self.mask.target == "peft" and not self.peft.enabled:
             raise ValueError("mask.target=peft needs peft.enabled=true")
-        if self.eval.enabled and self.distributed.zero_stage == 3 and self.distributed.num_workers > 1:
-            raise ValueError(
-                "eval.enabled with distributed.zero_stage=3 on several workers is not supported yet: ranks evaluate "
-                "different shares and ZeRO-3's parameter fetches would not line up; set eval.enabled=false and run "
-                "fisher-scale eval on the saved adapter"
-            )
         if self.model.dtype == "bfloat16" and not self.distributed.use_gpu:
             raise ValueError("model.dtype=bfloat16 needs distributed.use_gpu=true (CPU training runs in float32)")
         return self

@@ -3,8 +3,8 @@
 Every loop shards its examples over ``torch.distributed`` ranks when a process group is up (rank
 r takes ``examples[r::world]``), gathers the per-example results with ``all_gather_object`` and
 computes the metrics from the whole set, so every rank returns the same numbers as one process
-would. Ranks run their shares independently (different batch counts, no collective inside the
-model), so a ZeRO-3 model must have its parameters gathered first. Within a rank, batches group
+would. Ranks run equally many batches and generation steps (``synced_gpus``), so a ZeRO-3 model,
+whose every forward gathers parameters collectively, evaluates sharded too. Within a rank, batches group
 examples of similar text length to waste little on padding.
 
 Metric names are the ones training reports: ``gsm8k/accuracy``, ``gsm8k/loss``,
@@ -139,9 +139,19 @@ def _sharded(
     local = items[rank::world]
     order = sorted(range(len(local)), key=lambda i: -sum(len(v) for v in local[i].values() if isinstance(v, str)))
     results: list[dict[str, Any]] = [{} for _ in local]
+    # Ranks run equally many batches, a rank with fewer filling in with one repeated example whose result is
+    # dropped: a ZeRO-3 model gathers its parameters collectively in every forward, so forwards must pair up.
+    rounds = -(-len(local) // batch_size)
+    if world > 1:
+        most = torch.tensor([rounds])
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        rounds = int(most[0])
     with tqdm(total=len(local), desc=desc, disable=not progress or rank != 0, leave=False) as bar:
-        for start in range(0, len(order), batch_size):
+        for start in range(0, rounds * batch_size, batch_size):
             positions = order[start : start + batch_size]
+            if not positions:
+                run((local or items)[:1])
+                continue
             for position, result in zip(positions, run([local[i] for i in positions]), strict=True):
                 results[position] = result
             bar.update(len(positions))
@@ -204,6 +214,7 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[list[int]], max
         **batch,
         max_new_tokens=max_new_tokens,
         do_sample=False,
+        synced_gpus=_rank_world()[1] > 1,  # every rank decodes until all are done: ZeRO-3 forwards pair up
         pad_token_id=pad,
         eos_token_id=sorted(stops) or None,
     )

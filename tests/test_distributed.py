@@ -123,3 +123,29 @@ def test_profiled_steps_split_time_and_report_memory_and_size(tmp_path: Path) ->
             assert min(report[f"time/{p}_s"] for p in ("forward", "backward", "optimizer")) > 0
             assert report["memory/peak_bytes"] > 50 * 2**20
             assert report["model/parameters"] == expected, name
+
+
+def test_zero3_training_time_evaluation_on_two_ranks_equals_one_rank(tmp_path: Path) -> None:
+    """Under ZeRO-3 every forward gathers parameters collectively: two ranks with uneven shares (5 examples,
+    batches of 2) and different generation lengths must still pair up, and report what one rank reports."""
+    shared = {
+        "distributed__zero_stage": 3,
+        "train__steps": 2,
+        "train__log_every": 2,
+        "eval__enabled": True,
+        "eval__max_examples": 5,
+        "eval__batch_size": 2,
+        "eval__max_new_tokens": 6,
+    }
+    gsm8k = {"data__dataset": "gsm8k", "data__source": str(DATA / "gsm8k"), "data__max_length": 384}
+    for world, batch in ((1, 4), (2, 2)):  # the same global batch
+        jobs = [
+            (f"gsm8k-{world}", experiment("gsm8k", tmp_path, data__batch_size=batch, **shared, **gsm8k), None),
+            (f"sst2-{world}", experiment("sst2", tmp_path, data__batch_size=batch, **shared), None),
+        ]
+        run_jobs(world, jobs, tmp_path / ("one" if world == 1 else "two"))
+    for name, keys in (("gsm8k", ("gsm8k/loss", "gsm8k/accuracy")), ("sst2", ("glue/sst2/loss", "glue/sst2/accuracy"))):
+        one = torch.load(tmp_path / "one" / f"{name}-1-reports.pt")[-1]
+        two = torch.load(tmp_path / "two" / f"{name}-2-reports.pt")[-1]
+        for key in keys:
+            assert two[key] == pytest.approx(one[key], rel=1e-4), (name, key)
