@@ -57,12 +57,14 @@ def test_two_worker_run_writes_adapter_result_and_metrics(ray_session: None, tmp
     assert summary["metrics"]["mask/kept/all"] == pytest.approx(0.5, abs=0.01)
     assert (tmp_path / "fit" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "fit" / "mask.safetensors").is_file()
+    history = [json.loads(line) for line in (tmp_path / "fit" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history] == [3, 6] and history[-1]["loss"] == summary["metrics"]["loss"]
 
 
-def _kill_a_worker_after_first_checkpoint(storage: Path, done: threading.Event) -> list[int]:
+def _kill_a_worker_after_first_checkpoint(storage: Path, run: str, done: threading.Event) -> list[int]:
     killed: list[int] = []
     while not done.is_set():
-        if any(storage.glob("**/checkpoint_*/trainer_state.json")):
+        if any(storage.glob(f"{run}-*/**/checkpoint_*/trainer_state.json")):  # the run is named <name>-<time>
             workers = [
                 p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
             ]
@@ -88,7 +90,7 @@ def test_killed_worker_is_replaced_and_training_resumes_exactly(ray_session: Non
     done = threading.Event()
     killed: list[int] = []
     watcher = threading.Thread(
-        target=lambda: killed.extend(_kill_a_worker_after_first_checkpoint(tmp_path / "ray" / "crash", done))
+        target=lambda: killed.extend(_kill_a_worker_after_first_checkpoint(tmp_path / "ray", "crash", done))
     )
     watcher.start()
     try:
