@@ -24,14 +24,23 @@ KIND_TAG = "fisher_scale.kind"
 PARENT_TAG = "mlflow.parentRunId"
 
 
-def tracking_uri(cfg: ExperimentConfig) -> str:
-    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite file in the working directory;
-    relative SQLite paths are made absolute so that every process agrees on the file."""
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+def sqlite_url(url: str) -> str:
+    """A SQLite database URL (MLflow's or Optuna's) with an absolute path, so that every process and a
+    later ``--resume`` from another directory agree on the file; its folder is created. Others unchanged."""
     prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        uri = prefix + str(Path(uri.removeprefix(prefix)).resolve())
-    return uri
+    if not url.startswith(prefix):
+        return url
+    path = Path(url.removeprefix(prefix)).resolve()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"{url}: cannot create the database's folder {path.parent}: {error}") from None
+    return prefix + str(path)
+
+
+def tracking_uri(cfg: ExperimentConfig) -> str:
+    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite file in the working directory."""
+    return sqlite_url(cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
 
 
 def artifact_root(uri: str) -> str | None:
@@ -68,8 +77,8 @@ def check_reachable(uri: str) -> None:
     """Fail before any trial starts when the tracking store cannot be reached or written."""
     if uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise ConfigError(f"tracking.uri: {uri}: folder {folder} does not exist or is not writable")
+        if not os.access(folder, os.W_OK):
+            raise ConfigError(f"tracking.uri: {uri}: folder {folder} is not writable")
         return
     try:
         with _no_retries():

@@ -154,6 +154,45 @@ def test_comparison_table_medians_over_studies_and_time_to_target() -> None:
     assert rows["adamw"]["best m"] == 0.8 and "median steps to target" not in rows["adamw"]
 
 
+def test_least_time_to_target_is_taken_over_trials_not_from_the_fewest_steps() -> None:
+    fast_steps = record("1", "A", "adamw", 1, {8: 0.5}, {8: 100.0})  # reaches at step 8 after 100 s
+    fast_time = record("2", "A", "adamw", 2, {4: 0.9, 16: 0.5}, {4: 10.0, 16: 40.0})  # step 16 after 40 s
+    (row,) = comparison_table([fast_steps, fast_time], "m", "min", target=0.6)
+    assert row["median steps to target"] == 8 and row["median train s to target"] == 40.0
+
+
+def test_local_stores_are_created_where_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh checkout has no outputs/ folder: the SQLite files of MLflow and Optuna get theirs."""
+    from fisher_scale.tracking import check_reachable, tracking_uri
+    from fisher_scale.tune.study import optuna_storage
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking_uri(build_config({"tracking": {"uri": "sqlite:///outputs/deep/mlflow.db"}}))
+    assert uri == f"sqlite:///{tmp_path}/outputs/deep/mlflow.db" and (tmp_path / "outputs" / "deep").is_dir()
+    check_reachable(uri)
+    storage = optuna_storage("sqlite:///other/optuna.db")
+    assert storage.url == f"sqlite:///{tmp_path}/other/optuna.db" and (tmp_path / "other" / "optuna.db").is_file()
+    assert tracking_uri(build_config({})) == f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def test_resume_finds_only_the_same_study_name_and_command(tmp_path: Path) -> None:
+    from fisher_scale.tune.experiment import StudyState, find_resumable, write_state
+
+    root = str(tmp_path)
+    for study, kind, finished in (
+        ("demo-20260101-000000", "tune", False),
+        ("demo-20260102-000000", "tune", True),
+        ("demo-big-20260103-000000", "tune", False),
+        ("demo-20260104-000000", "scale", False),
+    ):
+        write_state(root, StudyState(study, {}, "sqlite:///x.db", "1", "r", kind=kind, finished=finished))
+    assert find_resumable(root, "demo", "tune").study == "demo-20260101-000000"
+    assert find_resumable(root, "demo", "scale").study == "demo-20260104-000000"
+    assert find_resumable(root, "demo-big", "tune").study == "demo-big-20260103-000000"
+    assert find_resumable(root, "dem", "tune") is None
+
+
 # --- tracking server ---
 
 
@@ -252,6 +291,9 @@ def test_sweep_with_early_stopping_runs_to_the_end_tracked_on_a_server(
         last_steps.append(max(m.step for m in losses))
     assert min(last_steps) < cfg.train.steps, f"ASHA stopped nothing: last steps {last_steps}"
     assert max(last_steps) == cfg.train.steps
+    for child, last in zip(children, last_steps, strict=True):  # ASHA lets a trial at the last step finish
+        output = tmp_path / "ray" / state.study / "outputs" / child.data.tags["ray_trial_id"]
+        assert (output / "result.json").is_file() == (last == cfg.train.steps), (last, output)
     best = state.best["adamw"]
     assert best["trial_id"] in {c.data.tags["ray_trial_id"] for c in children}
     assert {a.path for a in client.list_artifacts(best["run_id"], "adapter")} >= {"adapter/adapter_config.json"}
@@ -261,6 +303,20 @@ def test_sweep_with_early_stopping_runs_to_the_end_tracked_on_a_server(
     assert {"plots/training_curves.png", "plots/gsm8k_loss_vs_lr.png", "plots/gsm8k_loss_vs_time.png"} <= plots
     study = optuna.load_study(study_name=f"{state.study}/adamw", storage=cfg.tune.storage)
     assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
+
+    from fisher_scale.tune.compare import compare_experiment
+
+    comparison = compare_experiment("tune-test", tracking_uri=mlflow_server, target=100.0, out=tmp_path / "compare")
+    assert (comparison.metric, comparison.mode, comparison.trials) == ("gsm8k/loss", "min", 3)
+    (row,) = comparison.rows
+    assert row["optimizer"] == "adamw" and row["trials"] == 3 and row["studies"] == 1
+    histories = [client.get_metric_history(c.info.run_id, "gsm8k/loss") for c in children]
+    finals = [max(history, key=lambda m: m.step).value for history in histories]
+    assert row["best gsm8k/loss"] == pytest.approx(min(finals))
+    assert row["median steps to target"] == 4  # every trial's first evaluation (step 4) is below 100
+    assert (tmp_path / "compare" / "training_curves.png").is_file()
+    logged = client.search_runs([experiment.experiment_id], filter_string="tags.`fisher_scale.kind` = 'compare'")
+    assert len(logged) == 1 and "comparison.json" in {a.path for a in client.list_artifacts(logged[0].info.run_id)}
 
 
 def mlflow_children(db: Path) -> list[Any]:

@@ -1,11 +1,15 @@
-"""Where a training step's time goes: forward, backward, optimizer (Fisher statistics included) and
-communication, for scaling studies (``train.profile``).
+"""Where a training step's time goes: forward, backward, optimizer and communication, for scaling
+studies (``train.profile``).
 
 Communication is the time spent inside ``torch.distributed`` collectives (DeepSpeed's included: its
 backend calls them through the module, and its captured all-gather / reduce-scatter functions are
-wrapped too). It is subtracted from the phase it happened in. Collectives are blocking on gloo; on
-GPUs each timed call is bracketed by CUDA synchronisation, which removes the overlap of communication
-with computation, so the split attributes time rather than measuring an overlapped schedule.
+wrapped too). It is subtracted from the phase it happened in. Only the call is timed: a collective
+launched with ``async_op=True`` (ZeRO-3's parameter all-gathers) counts its launch as communication and
+its wait as computation, so ZeRO-3's communication is undercounted. On GPUs each timed call is bracketed
+by CUDA synchronisation, which removes the overlap of communication with computation: the split
+attributes time rather than measuring an overlapped schedule. AdaFisher's per-layer statistics are
+computed in the forward and output-gradient hooks and so count as forward/backward time; the optimizer
+phase holds their reduction over ranks, the EMA and the preconditioned update.
 """
 
 from __future__ import annotations

@@ -55,7 +55,9 @@ class MlflowTrials(Callback):
         """The trial's child run: found by its tag (a resumed trial) or created with params and config."""
         if trial.trial_id in self._runs:
             return self._runs[trial.trial_id]
-        run_id = tracking.find_run(self.client, self.experiment_id, **{tracking.TRIAL_TAG: trial.trial_id})
+        run_id = tracking.find_run(
+            self.client, self.experiment_id, **{tracking.TRIAL_TAG: trial.trial_id, tracking.STUDY_TAG: self.study}
+        )
         if run_id is None:
             cfg = trial_config(self.base, trial.config, trial.trial_id)
             run = self.client.create_run(

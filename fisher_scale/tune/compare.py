@@ -96,11 +96,10 @@ def comparison_table(
                 continue
             reached = [(step, r) for r in trials if (step := r.first_reaching(metric, target, mode)) is not None]
             if reached:
-                step, record = min(reached, key=lambda item: item[0])
-                steps_to_target.append(step)
-                times = record.history.get("time/train_s", {})
-                if step in times:
-                    time_to_target.append(times[step])
+                steps_to_target.append(min(step for step, _ in reached))
+                times = [r.history.get("time/train_s", {}).get(step) for step, r in reached]
+                if any(t is not None for t in times):
+                    time_to_target.append(min(t for t in times if t is not None))
         row: dict[str, Any] = {
             "optimizer": optimizer,
             "trials": len(mine),

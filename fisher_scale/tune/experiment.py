@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fisher_scale import tracking
-from fisher_scale.config import ConfigError, ExperimentConfig, flatten
+from fisher_scale.config import ConfigError, ExperimentConfig, flatten, with_values
 from fisher_scale.train.launcher import (
     check_local_resources,
     check_resources,
@@ -64,7 +65,7 @@ def storage_root(cfg: ExperimentConfig) -> str:
     return cfg.distributed.storage_path or str(Path("~/ray_results").expanduser())
 
 
-def _filesystem(path: str) -> tuple[Any, str]:
+def storage_filesystem(path: str) -> tuple[Any, str]:
     from pyarrow import fs
 
     if "://" in path:
@@ -73,17 +74,17 @@ def _filesystem(path: str) -> tuple[Any, str]:
 
 
 def write_state(root: str, state: StudyState) -> None:
-    filesystem, base = _filesystem(root)
+    filesystem, base = storage_filesystem(root)
     filesystem.create_dir(f"{base}/{state.study}", recursive=True)
     with filesystem.open_output_stream(f"{base}/{state.study}/study.json") as out:
         out.write(json.dumps(asdict(state), indent=2).encode())
 
 
-def find_resumable(root: str, name: str) -> StudyState | None:
-    """The newest unfinished study of this name under ``root``."""
+def find_resumable(root: str, name: str, kind: str) -> StudyState | None:
+    """The newest unfinished study of this name and command (``tune``/``scale``) under ``root``."""
     from pyarrow import fs
 
-    filesystem, base = _filesystem(root)
+    filesystem, base = storage_filesystem(root)
     if filesystem.get_file_info(base).type != fs.FileType.Directory:
         return None
     folders = sorted(
@@ -91,14 +92,14 @@ def find_resumable(root: str, name: str) -> StudyState | None:
         reverse=True,
     )
     for folder in folders:
-        if not folder.startswith(f"{name}-"):
+        if not re.fullmatch(rf"{re.escape(name)}-\d{{8}}-\d{{6}}", folder):
             continue
         path = f"{base}/{folder}/study.json"
         if filesystem.get_file_info(path).type != fs.FileType.File:
             continue
         with filesystem.open_input_stream(path) as stream:
             state = StudyState(**json.loads(stream.read()))
-        if not state.finished:
+        if not state.finished and state.kind == kind:
             return state
     return None
 
@@ -132,17 +133,19 @@ def open_study(
     reached, the MLflow parent run and ``study.json`` written. Returns the config, state and storage root."""
     cfg = resolve_paths(cfg)
     root = storage_root(cfg)
-    state = find_resumable(root, cfg.name) if resume else None
+    state = find_resumable(root, cfg.name, kind) if resume else None
     if resume and state is None:
         raise ConfigError(f"--resume: no unfinished study named {cfg.name!r} under {root}")
     if state is not None:
         cfg = ExperimentConfig.model_validate(state.config)
     for trial_cfg in check(cfg):
         check_local_resources(trial_cfg)
-    uri = tracking.tracking_uri(cfg)
+    uri = state.tracking_uri if state is not None else tracking.tracking_uri(cfg)
     tracking.check_reachable(uri)
     client = tracking.client(uri)
     if state is None:
+        # the resolved stores are kept with the study, so a resume from anywhere finds the same ones
+        cfg = with_values(cfg, {"tracking.uri": uri, "tune.storage": tracking.sqlite_url(cfg.tune.storage)})
         study = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         experiment = tracking.experiment_id(client, cfg.name, uri)
         run = client.create_run(
@@ -200,7 +203,8 @@ def make_tuner(
     )
     path = f"{study_root}/{label}"
     if tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+        # trials interrupted while running continue; failed ones stay failed (a resume re-runs no failure)
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
     callbacks = [
         MlflowTrials(
             state.tracking_uri,

@@ -22,6 +22,7 @@ from fisher_scale.tune.experiment import (
     make_tuner,
     open_study,
     start_cluster,
+    storage_filesystem,
 )
 from fisher_scale.tune.space import check_study, optuna_distributions
 
@@ -39,9 +40,7 @@ def optuna_storage(url: str) -> Any:
     """An Optuna RDB storage (relative SQLite paths made absolute), checked by connecting to it."""
     import optuna
 
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and not url.startswith(prefix + "/"):
-        url = prefix + str(Path(url.removeprefix(prefix)).resolve())
+    url = tracking.sqlite_url(url)
     try:
         return optuna.storages.RDBStorage(url)
     except Exception as error:  # sqlalchemy raises many kinds; the user needs the URL and the reason
@@ -91,6 +90,7 @@ def _search(label: str, base: ExperimentConfig, space: dict, state: StudyState) 
             max_t=base.train.steps,
             grace_period=cfg.grace_period,
             reduction_factor=cfg.reduction_factor,
+            stop_last_trials=False,  # a trial at the last step finishes (saves its adapter, result.json)
         )
         if cfg.scheduler == "asha"
         else None
@@ -134,24 +134,27 @@ def run_study(
             mode=cfg.tune.mode,
         )
         results = fit_tuner(tuner, state, label, cfg.tune.num_samples)
-        state.best[label] = _best(results, cfg, client, state)
+        state.best[label] = _best(results, cfg, client, state, root)
     _finish(client, state, cfg, root)
     return state
 
 
-def _best(results: Any, cfg: ExperimentConfig, client: Any, state: StudyState) -> dict[str, Any]:
+def _best(results: Any, cfg: ExperimentConfig, client: Any, state: StudyState, root: str) -> dict[str, Any]:
     """The study's best trial (last reported metric), with its adapter logged to its run."""
     try:
         best = results.get_best_result(cfg.tune.metric, cfg.tune.mode, scope="last", filter_nan_and_inf=True)
     except RuntimeError:
         return {"error": "no trial reported a finite metric"}
     trial_id = best.metrics["trial_id"]
-    run_id = tracking.find_run(client, state.experiment_id, **{tracking.TRIAL_TAG: trial_id})
+    run_id = tracking.find_run(
+        client, state.experiment_id, **{tracking.TRIAL_TAG: trial_id, tracking.STUDY_TAG: state.study}
+    )
     checkpoint = best.metrics.get("checkpoint_path")
     if checkpoint and run_id:
         from ray.train import Checkpoint
 
-        with Checkpoint(checkpoint).as_directory() as directory:
+        # Ray reports the path inside the storage filesystem (no s3:// scheme): open it with that filesystem
+        with Checkpoint(checkpoint, filesystem=storage_filesystem(root)[0]).as_directory() as directory:
             if (Path(directory) / "adapter").is_dir():
                 client.log_artifacts(run_id, str(Path(directory) / "adapter"), "adapter")
     return {
