@@ -79,11 +79,14 @@ def _train(args: argparse.Namespace, console: Console) -> int:
 
 
 def _study(args: argparse.Namespace, console: Console, run: Callable[..., Any]) -> tuple[Any, Any]:
-    """Load the config and run a study command; the result is None when Ctrl+C interrupted it."""
-    from fisher_scale.config import load_config
+    """Load the config and run a study command; returns the config the study ran (a resumed study's own)
+    and the result, which is None when Ctrl+C interrupted it."""
+    from fisher_scale.config import ExperimentConfig, load_config
     from fisher_scale.tune.experiment import StudyInterrupted
 
     cfg = load_config(args.config, args.set)
+    if args.resume and args.set:
+        console.print("[yellow]--set is ignored with --resume: a study continues with the config it started with")
 
     def started(state: Any, root: str) -> None:
         console.print(
@@ -91,10 +94,11 @@ def _study(args: argparse.Namespace, console: Console, run: Callable[..., Any]) 
         )
 
     try:
-        return cfg, run(cfg, resume=args.resume, on_start=started)
+        result = run(cfg, resume=args.resume, on_start=started)
     except StudyInterrupted as stopped:
         console.print(f"[yellow]{stopped}[/yellow]")
         return cfg, None
+    return ExperimentConfig.model_validate(getattr(result, "state", result).config), result
 
 
 def _tune(args: argparse.Namespace, console: Console) -> int:
@@ -113,7 +117,7 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
         metric = best.get("metric")
         table.add_row(label, best.get("trial_id", "-"), "-" if metric is None else f"{metric:.4g}", values)
     console.print(table)
-    storage = optuna_storage(state.config["tune"]["storage"]).url
+    storage = optuna_storage(cfg.tune.storage).url
     console.print(
         f"results: MLflow experiment [bold]{cfg.name}[/bold], parent run {state.parent_run_id}\n"
         f"  mlflow ui --backend-store-uri {state.tracking_uri}\n"

@@ -46,3 +46,31 @@ def test_bad_input_is_reported_before_any_work(tmp_path: Path, capsys: pytest.Ca
     assert main(["eval", str(path), "--checkpoint", str(tmp_path)]) == 2
     assert main(["train", str(tmp_path / "absent.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().out
+
+
+def test_study_commands_print_what_the_study_ran(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    """``tune`` and ``scale`` print their tables from the config the study ran (a resumed study's own) and the
+    result; the studies themselves are replaced here (tests/test_tune.py and test_scale.py run real ones)."""
+    import fisher_scale.scale.grid as grid
+    import fisher_scale.tune.study as study
+    from fisher_scale.scale.analysis import Fit, PointResult
+    from fisher_scale.tune.experiment import StudyState
+
+    started = {"name": "ran", "scale": {"grid": {"model.name": ["tiny", "tiny-x2"]}}, "tune": {"metric": "loss"}}
+    state = StudyState("ran-20260101-000000", started, "sqlite:///m.db", "1", "p", best={"adamw": {
+        "trial_id": "t1", "metric": 1.25, "config": {"lr": 0.003}}})  # fmt: skip
+    points = [PointResult({"model.name": m}, m, parameters=n, tokens_per_s=10.0, step_time_s=0.5) for m, n in
+              (("tiny", 123), ("tiny-x2", 690))]  # fmt: skip
+    report = grid.ScaleReport(state, points, [Fit("step_time_s", "parameters", {}, 0.71, 0.99, 2)], [])
+    monkeypatch.setattr(study, "run_study", lambda cfg, **kwargs: state)
+    monkeypatch.setattr(grid, "run_scale", lambda cfg, **kwargs: report)
+    monkeypatch.setattr(study, "optuna_storage", lambda url: type("S", (), {"url": url})())
+    path = tmp_path / "edited.yaml"
+    path.write_text(yaml.safe_dump({"name": "edited", "tune": {"metric": "gsm8k/loss"}}))
+    assert main(["tune", str(path), "--resume", "--set", "lr=0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "--set is ignored with --resume" in out and "t1" in out and "1.25" in out and "lr=0.003" in out
+    assert "loss, min" in out and "gsm8k/loss" not in out and "fisher-scale compare ran" in out
+    assert main(["scale", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-x2" in out and "690" in out and "0.710" in out and "500.0" in out
