@@ -104,6 +104,13 @@ def test_summarize_means_skip_the_first_report_and_find_the_target() -> None:
     assert summarize({}, "t1", rows, target_loss=1.0).steps_to_target is None
 
 
+def test_a_resumed_point_reads_as_one_run_without_warm_up_reports() -> None:
+    first = [{"step": s, "step_time_s": t} for s, t in ((2, 9.0), (4, 1.0), (6, 1.0))]
+    second = [{"step": s, "step_time_s": t} for s, t in ((6, 8.0), (8, 3.0))]  # resumed from the step-4 checkpoint
+    result = summarize({}, "t", first + second, target_loss=None)
+    assert result.step_time_s == 2.0  # steps 4 and 8; both sessions' first reports are warm-up, step 6 replaced
+
+
 def test_power_law_and_fits_recover_known_exponents() -> None:
     xs = [1e5, 7e5, 5e6]
     exponent, r2 = power_law(xs, [3 * x**1.5 for x in xs])

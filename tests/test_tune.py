@@ -114,6 +114,21 @@ def test_asha_needs_the_metric_before_its_grace_period() -> None:
     check_study(build_config({"eval": {"every": 5}, "tune": tune}))
 
 
+def test_searched_worker_counts_must_fit_and_asha_fixes_the_step_budget() -> None:
+    from fisher_scale.train.launcher import check_resources
+    from fisher_scale.tune.space import resource_configs
+
+    cfg = build_config({"tune": {"space": {"distributed.num_workers": {"int": [1, 4]}}}})
+    configs = resource_configs(check_study(cfg))
+    assert sorted(c.distributed.num_workers for c in configs) == [1, 1, 4]  # base, then the range's edges
+    with pytest.raises(ConfigError, match="needs 4 CPUs"):
+        for trial_cfg in configs:
+            check_resources(trial_cfg, {"CPU": 2.0})
+    asha = {"scheduler": "asha", "grace_period": 5, "space": {"train.steps": {"int": [20, 40]}}}
+    with pytest.raises(ConfigError, match=r"ASHA's max_t is train\.steps"):
+        check_study(build_config({"eval": {"every": 5}, "tune": asha}))
+
+
 def test_searching_the_optimizer_and_listing_optimizers_conflict() -> None:
     space = {"optimizer.name": {"choice": ["adamw", "adafisher"]}}
     assert list(study_spaces(build_config({"tune": {"space": space}}))) == ["searched"]

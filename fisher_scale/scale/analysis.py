@@ -52,13 +52,33 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
+def sessions(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The reports of one run as if it had never been interrupted, and those measured in steady state.
+
+    A resumed run reports again from its last checkpoint: a step that goes back starts a new session, whose
+    reports replace the earlier ones from that step on; each session's first report carries warm-up."""
+    kept: list[dict[str, Any]] = []
+    warm: list[int] = []  # id() of each session's first report
+    for row in rows:
+        step = row.get("step")
+        if kept and step is not None and kept[-1].get("step") is not None and step <= kept[-1]["step"]:
+            kept = [r for r in kept if r.get("step") is None or r["step"] < step]
+            warm.append(id(row))
+        elif not kept:
+            warm.append(id(row))
+        kept.append(row)
+    training = [r for r in kept if _number(r.get("step_time_s")) is not None]
+    steady = [r for r in training if id(r) not in warm]
+    return kept, steady or training
+
+
 def summarize(grid: dict[str, Any], trial_id: str | None, rows: list[dict[str, Any]], *, target_loss: float | None):
-    """A point's measures from its reports in order (Tune's ``metrics_dataframe`` rows)."""
+    """A point's measures from its reports in order (Tune's ``metrics_dataframe`` rows, every session)."""
     result = PointResult(grid, trial_id)
+    rows, steady = sessions(rows)
     training = [r for r in rows if _number(r.get("step_time_s")) is not None]
     if not training:
         return result
-    steady = training[1:] or training
     for name, key in STEP_MEANS.items():
         values = [v for r in steady if (v := _number(r.get(key))) is not None]
         setattr(result, name, statistics.fmean(values) if values else None)

@@ -82,6 +82,8 @@ def check_study(cfg: ExperimentConfig) -> dict[str, tuple[ExperimentConfig, dict
                 f"tune.metric: {tune.metric!r} is never reported by this training (study {label}); "
                 f"it reports: {', '.join(sorted(reported))}"
             )
+    if tune.scheduler == "asha" and any("train.steps" in space for _, space in studies.values()):
+        raise ConfigError("tune.space.train.steps: ASHA's max_t is train.steps; fix it when tune.scheduler=asha")
     if tune.scheduler == "asha":
         if tune.grace_period >= cfg.train.steps:
             raise ConfigError(
@@ -111,3 +113,15 @@ def optuna_distributions(space: dict[str, Dimension]) -> dict[str, Any]:
         else:
             distributions[key] = FloatDistribution(values[0], values[1], log=dimension.kind == "loguniform")
     return distributions
+
+
+def resource_configs(studies: dict[str, tuple[ExperimentConfig, dict[str, Dimension]]]) -> list[ExperimentConfig]:
+    """The configs whose resources must fit: each study's base, and its searched ``distributed.*`` values
+    at the edges of their ranges (a trial that cannot fit would wait for workers forever)."""
+    configs = []
+    for base, space in studies.values():
+        configs.append(base)
+        for key, dimension in space.items():
+            if key.startswith("distributed."):
+                configs += [with_values(base, {key: value}) for value in dimension.edges()]
+    return configs

@@ -24,7 +24,7 @@ from fisher_scale.tune.experiment import (
     start_cluster,
     storage_filesystem,
 )
-from fisher_scale.tune.space import check_study, optuna_distributions
+from fisher_scale.tune.space import check_study, optuna_distributions, resource_configs
 
 
 class EvalStepOptunaSearch(OptunaSearch):
@@ -111,11 +111,11 @@ def run_study(
     def check(cfg: ExperimentConfig) -> list[ExperimentConfig]:
         studies.update(check_study(cfg))
         optuna_storage(cfg.tune.storage)
-        return [base for base, _ in studies.values()]
+        return resource_configs(studies)
 
     tags = {"searched": ",".join(sorted(_searched(cfg)))}
     cfg, state, root = open_study(cfg, kind="tune", resume=resume, check=check, tags=tags, on_start=on_start)
-    resources = start_cluster(cfg, [base for base, _ in studies.values()])
+    resources = start_cluster(cfg, resource_configs(studies))
     concurrent = _max_concurrent(cfg, resources)
     client = tracking.client(state.tracking_uri)
     for label, (base, space) in studies.items():
