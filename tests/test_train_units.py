@@ -123,3 +123,38 @@ def test_too_many_workers_fail_before_ray_starts(tmp_path, monkeypatch: pytest.M
     cfg = build_config({"data": {"source": str(tmp_path)}, "distributed": {"num_workers": 64}})
     with pytest.raises(ConfigError, match="needs 64 CPUs"):
         launcher.run_training(cfg)
+
+
+def test_profiler_counts_fisher_statistics_from_hooks_as_optimizer_time() -> None:
+    """Seconds the optimizer's hooks spend on statistics move from forward/backward to the optimizer phase."""
+    import torch
+
+    from fisher_scale.optim import AdaFisher
+    from fisher_scale.train.profile import StepProfiler
+
+    from .conftest import lm_batch, tiny_lora_qwen2
+
+    model = tiny_lora_qwen2()
+    optimizer = AdaFisher(model, lr=1e-3)
+    profiler = StepProfiler(True)
+    profiler.statistics_clock = lambda: optimizer.curvature.seconds
+    hooks = {}
+    before = optimizer.curvature.seconds
+    with profiler.phase("forward"):
+        loss = model(**lm_batch(0)).loss
+    hooks["forward"], before = optimizer.curvature.seconds - before, optimizer.curvature.seconds
+    with profiler.phase("backward"):
+        loss.backward()
+    hooks["backward"], before = optimizer.curvature.seconds - before, optimizer.curvature.seconds
+    with profiler.phase("optimizer"):
+        optimizer.step()
+    assert hooks["forward"] > 0 and hooks["backward"] > 0 and optimizer.curvature.seconds == before
+    wall = dict(profiler.wall)
+    profiler.step_done()
+    metrics = profiler.take()
+    assert metrics["time/forward_s"] == pytest.approx(wall["forward"] - hooks["forward"])
+    assert metrics["time/backward_s"] == pytest.approx(wall["backward"] - hooks["backward"])
+    assert metrics["time/optimizer_s"] == pytest.approx(wall["optimizer"] + hooks["forward"] + hooks["backward"])
+    with torch.no_grad():
+        model(**lm_batch(1))
+    assert optimizer.curvature.seconds == before  # evaluation forwards collect nothing

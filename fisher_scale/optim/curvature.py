@@ -11,6 +11,7 @@ gradients) are not training steps and are skipped.
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -123,6 +124,8 @@ class CurvatureTracker:
         #: the current batch's attention mask (batch, tokens), set by a training loop: layers whose rows are
         #: tokens then count real tokens only, so padding never depends on how examples were batched
         self.token_mask: Tensor | None = None
+        #: wall seconds spent computing statistics inside the hooks (profiling counts them as optimizer time)
+        self.seconds = 0.0
         self.layers: dict[str, LayerCurvature] = {}
         self._by_module: dict[nn.Module, LayerCurvature] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -161,18 +164,22 @@ class CurvatureTracker:
             return
         if torch._C._functorch.is_functorch_wrapped_tensor(output):
             return  # inside a torch.func transform (e.g. per-example FISH scoring): not a training step
+        started = time.perf_counter()
         state = self._by_module[layer]
         h = args[0].detach()
         keep = self._kept_tokens(state.rule, h)
         h_stat = state.rule.input_stat(layer, h if keep is None else h[keep], state.full_in)
 
         def on_output_grad(grad: Tensor) -> None:
+            started = time.perf_counter()
             grad = grad.detach() if keep is None else grad.detach()[keep]
             if self.output_grad_scale != 1.0:
                 grad = grad / self.output_grad_scale
             state.add(h_stat, state.rule.output_stat(layer, grad, state.full_out))
+            self.seconds += time.perf_counter() - started
 
         output.register_hook(on_output_grad)
+        self.seconds += time.perf_counter() - started
 
     def _kept_tokens(self, rule: LayerRule, h: Tensor) -> Tensor | None:
         """The boolean token mask to select this input's rows with, if it applies."""

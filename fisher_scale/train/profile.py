@@ -7,9 +7,10 @@ wrapped too). It is subtracted from the phase it happened in. Only the call is t
 launched with ``async_op=True`` (ZeRO-3's parameter all-gathers) counts its launch as communication and
 its wait as computation, so ZeRO-3's communication is undercounted. On GPUs each timed call is bracketed
 by CUDA synchronisation, which removes the overlap of communication with computation: the split
-attributes time rather than measuring an overlapped schedule. AdaFisher's per-layer statistics are
-computed in the forward and output-gradient hooks and so count as forward/backward time; the optimizer
-phase holds their reduction over ranks, the EMA and the preconditioned update.
+attributes time rather than measuring an overlapped schedule. Fisher statistics computed in the forward
+and output-gradient hooks (``statistics_clock``: the optimizer's cumulative hook seconds) are moved from
+forward/backward to the optimizer, which also holds their reduction over ranks, the EMA and the update.
+On GPUs the hook seconds are host time (kernel launches), since only the phase edges synchronise.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class StepProfiler:
         self.enabled, self.cuda = enabled, cuda
         self.wall: dict[str, float] = defaultdict(float)
         self.comm: dict[str, float] = defaultdict(float)
+        self.statistics: dict[str, float] = defaultdict(float)
+        #: cumulative seconds of Fisher statistics computed in hooks (set once the optimizer exists)
+        self.statistics_clock: Callable[[], float] | None = None
         self.steps = 0
         self._phase = "other"
         self._restore: list[tuple[Any, str, Any]] = []
@@ -97,12 +101,16 @@ class StepProfiler:
             yield
             return
         self._sync()
+        clock = self.statistics_clock
+        counted = clock() if clock else 0.0
         started, self._phase = time.perf_counter(), name
         try:
             yield
         finally:
             self._sync()
             self.wall[name] += time.perf_counter() - started
+            if clock:
+                self.statistics[name] += clock() - counted
             self._phase = "other"
 
     def step_done(self) -> None:
@@ -114,10 +122,14 @@ class StepProfiler:
         and evaluation outside them are not counted); then starts over."""
         if not self.enabled or not self.steps:
             return {}
-        metrics = {f"time/{p}_s": (self.wall[p] - self.comm[p]) / self.steps for p in PHASES}
+        moved = sum(self.statistics[p] for p in PHASES if p != "optimizer")
+        seconds = {p: self.wall[p] - self.comm[p] - self.statistics[p] for p in PHASES if p != "optimizer"}
+        seconds["optimizer"] = self.wall["optimizer"] - self.comm["optimizer"] + moved
+        metrics = {f"time/{p}_s": seconds[p] / self.steps for p in PHASES}
         metrics["time/comm_s"] = sum(self.comm[p] for p in PHASES) / self.steps
         self.wall.clear()
         self.comm.clear()
+        self.statistics.clear()
         self.steps = 0
         return metrics
 

@@ -73,6 +73,8 @@ class Run:
             # output gradients: divide it out of the Fisher statistics
             self.optimizer.curvature.output_grad_scale = float(world)
             self.optimizer.curvature.nonfinite = "skip" if cfg.train.skip_nonfinite else "raise"
+            curvature = self.optimizer.curvature
+            self.profiler.statistics_clock = lambda: curvature.seconds
         self.engine, *_ = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, config=deepspeed_config(cfg, world)
         )
