@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import yaml
 
 from fisher_scale.config import ConfigError, build_config
 from fisher_scale.data import default_data_dir
+from fisher_scale.train.local import free_port
 from fisher_scale.tune.compare import TrialRecord, comparison_table, equal_budget
 from fisher_scale.tune.space import check_study, optuna_distributions, study_spaces
 
@@ -209,12 +209,6 @@ def test_resume_finds_only_the_same_study_name_and_command(tmp_path: Path) -> No
 
 
 # --- tracking server ---
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_unreachable_tracking_server_fails_before_any_trial(tmp_path: Path) -> None:

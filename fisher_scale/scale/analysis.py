@@ -57,19 +57,16 @@ def sessions(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dic
 
     A resumed run reports again from its last checkpoint: a step that goes back starts a new session, whose
     reports replace the earlier ones from that step on; each session's first report carries warm-up."""
-    kept: list[dict[str, Any]] = []
-    warm: list[int] = []  # id() of each session's first report
+    kept: list[tuple[dict[str, Any], bool]] = []  # (report, first of its session)
     for row in rows:
-        step = row.get("step")
-        if kept and step is not None and kept[-1].get("step") is not None and step <= kept[-1]["step"]:
-            kept = [r for r in kept if r.get("step") is None or r["step"] < step]
-            warm.append(id(row))
-        elif not kept:
-            warm.append(id(row))
-        kept.append(row)
-    training = [r for r in kept if _number(r.get("step_time_s")) is not None]
-    steady = [r for r in training if id(r) not in warm]
-    return kept, steady or training
+        step, last = row.get("step"), kept[-1][0].get("step") if kept else None
+        restart = step is not None and last is not None and step <= last
+        if restart:
+            kept = [(r, first) for r, first in kept if r.get("step") is None or r["step"] < step]
+        kept.append((row, restart or len(kept) == 0))
+    training = [(r, first) for r, first in kept if _number(r.get("step_time_s")) is not None]
+    steady = [r for r, first in training if not first]
+    return [r for r, _ in kept], steady or [r for r, _ in training]
 
 
 def summarize(grid: dict[str, Any], trial_id: str | None, rows: list[dict[str, Any]], *, target_loss: float | None):

@@ -39,8 +39,8 @@ from fisher_scale.train.launcher import (
 TRIAL_RESOURCES = {"node:__internal_head__": 0.001}
 
 
-#: the MLflow ``fisher_scale.kind`` of a command's parent run (its child runs: ``trial`` / ``point``)
-PARENT_KIND = {"tune": "study", "scale": "scale"}
+#: the MLflow ``fisher_scale.kind`` of a command's parent run and of its child runs
+RUN_KINDS = {"tune": ("study", "trial"), "scale": ("scale", "point")}
 
 
 class StudyInterrupted(RuntimeError):
@@ -151,7 +151,7 @@ def open_study(
         run = client.create_run(
             experiment,
             run_name=study,
-            tags={tracking.STUDY_TAG: study, tracking.KIND_TAG: PARENT_KIND[kind], **(tags or {})},
+            tags={tracking.STUDY_TAG: study, tracking.KIND_TAG: RUN_KINDS[kind][0], **(tags or {})},
         )
         params = {k: v for k, v in flatten(cfg).items() if not k.startswith("tracking.")}
         tracking.log_params(client, run.info.run_id, params)
@@ -213,7 +213,7 @@ def make_tuner(
             state.study,
             label,
             base.model_dump(mode="json"),
-            kind="point" if state.kind == "scale" else "trial",
+            kind=RUN_KINDS[state.kind][1],
         ),
         TrialTable(label, metric, mode, keys),
     ]
