@@ -102,7 +102,7 @@ def _study(args: argparse.Namespace, console: Console, run: Callable[..., Any]) 
 
 
 def _tune(args: argparse.Namespace, console: Console) -> int:
-    from fisher_scale.tune.study import optuna_storage, run_study
+    from fisher_scale.tune.study import run_study
 
     cfg, state = _study(args, console, run_study)
     if state is None:
@@ -117,7 +117,7 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
         metric = best.get("metric")
         table.add_row(label, best.get("trial_id", "-"), "-" if metric is None else f"{metric:.4g}", values)
     console.print(table)
-    storage = optuna_storage(cfg.tune.storage).url
+    storage = cfg.tune.storage  # made absolute when the study started
     console.print(
         f"results: MLflow experiment [bold]{cfg.name}[/bold], parent run {state.parent_run_id}\n"
         f"  mlflow ui --backend-store-uri {state.tracking_uri}\n"
