@@ -33,13 +33,14 @@ class OptimizerConfig(Section):
     ema_mode: Literal["convex", "official"] = "convex"
     curvature_interval: int = Field(1, ge=1, description="statistics on steps k with k % T == 0")
     weight_decay: float = Field(0.0, ge=0)
+    eps: float = Field(1e-8, gt=0, description="AdamW's ε (also in the Fisher optimizers' AdamW fallback)")
     fallback: Literal["adamw", "official"] = "adamw"
     max_full_dim: int = Field(64, ge=0, description="AdaFish: factor sides up to this size are full matrices")
 
     def hyperparameters(self, lr: float) -> dict[str, object]:
         """The keyword arguments of ``fisher_scale.optim.build_optimizer`` for this optimizer."""
         if self.name == "adamw":
-            return {"lr": lr, "beta": self.beta, "weight_decay": self.weight_decay}
+            return {"lr": lr, "beta": self.beta, "weight_decay": self.weight_decay, "eps": self.eps}
         fisher = self.model_dump(exclude={"name", "max_full_dim"})
         if self.name == "adafish":
             fisher["max_full_dim"] = self.max_full_dim

@@ -276,8 +276,8 @@ def test_unsupported_parameter_falls_back_to_adamw_and_frozen_ones_are_ignored()
     torch.manual_seed(0)
     model = Model()
     twin = copy.deepcopy(model.scale)
-    ours = AdaFisher(model, lr=0.01, beta=0.8, weight_decay=0.1)
-    reference = torch.optim.AdamW([twin], lr=0.01, betas=(0.8, 0.999), eps=1e-8, weight_decay=0.1)
+    ours = AdaFisher(model, lr=0.01, beta=0.8, weight_decay=0.1, eps=0.3)  # an eps large enough to show
+    reference = torch.optim.AdamW([twin], lr=0.01, betas=(0.8, 0.999), eps=0.3, weight_decay=0.1)
     assert set(ours.curvature.layers) == {"layer"}
     assert all(p.requires_grad for g in ours.param_groups for p in g["params"])
     frozen_before = model.frozen.weight.clone()
@@ -344,6 +344,7 @@ def test_tiny_model_loss_goes_down(cls: type, kind: str) -> None:
         ({"beta": 1.0}, "beta"),
         ({"curvature_interval": 0}, "curvature_interval"),
         ({"weight_decay": -1.0}, "weight_decay"),
+        ({"eps": 0.0}, "eps"),
     ],
 )
 @pytest.mark.parametrize("cls", OPTIMIZERS)

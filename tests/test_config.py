@@ -40,7 +40,7 @@ def test_optimizer_section_builds_the_named_optimizer() -> None:
     assert optimizer.param_groups[0]["lr"] == 0.1
     adafish = build_optimizer("adafish", model, **OptimizerConfig(name="adafish", max_full_dim=8).hyperparameters(1.0))
     assert isinstance(adafish, AdaFish)
-    adamw = build_optimizer("adamw", model, **OptimizerConfig(name="adamw", beta=0.8).hyperparameters(1e-3))
-    assert adamw.param_groups[0]["betas"] == (0.8, 0.999)
+    adamw = build_optimizer("adamw", model, **OptimizerConfig(name="adamw", beta=0.8, eps=1e-5).hyperparameters(1e-3))
+    assert adamw.param_groups[0]["betas"] == (0.8, 0.999) and adamw.param_groups[0]["eps"] == 1e-5
     with pytest.raises(ValueError, match=r"adamw does not take \['damping'\]"):
         build_optimizer("adamw", model, lr=1e-3, damping=1e-3)

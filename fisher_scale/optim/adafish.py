@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from fisher_scale.optim.adafisher import FisherOptimizer, _check
+from fisher_scale.optim.adafisher import ADAMW_EPS, FisherOptimizer, _check
 from fisher_scale.optim.curvature import Factor, LayerCurvature
 from fisher_scale.optim.layers import full_numel, full_shape
 from fisher_scale.optim.pieces import Piece
@@ -59,6 +59,7 @@ class AdaFish(FisherOptimizer):
         curvature_interval: int = 1,
         weight_decay: float = 0.0,
         fallback: str = "adamw",
+        eps: float = ADAMW_EPS,
         max_full_dim: int = 64,
     ) -> None:
         _check(ema_mode == "convex", "ema_mode", "'convex' for AdaFish (it has no reference code)", ema_mode)
@@ -73,6 +74,7 @@ class AdaFish(FisherOptimizer):
             curvature_interval,
             weight_decay,
             fallback,
+            eps,
             max_full_dim=max_full_dim,
         )
 

@@ -22,6 +22,8 @@ from fisher_scale.optim.layers import ParamSlot
 from fisher_scale.optim.pieces import Piece, PieceMap, whole_parameters
 
 FALLBACKS = ("adamw", "official")
+#: AdamW's β2 and default ε, in ``adamw`` and in the Fisher optimizers' AdamW fallback
+ADAMW_BETA2, ADAMW_EPS = 0.999, 1e-8
 
 
 def _check(ok: bool, name: str, expected: str, value: object) -> None:
@@ -75,6 +77,7 @@ class FisherOptimizer(torch.optim.Optimizer):
         curvature_interval: int = 1,
         weight_decay: float = 0.0,
         fallback: str = "adamw",
+        eps: float = ADAMW_EPS,
         *,
         max_full_dim: int = 0,
     ) -> None:
@@ -91,8 +94,9 @@ class FisherOptimizer(torch.optim.Optimizer):
         )
         _check(weight_decay >= 0, "weight_decay", ">= 0", weight_decay)
         _check(fallback in FALLBACKS, "fallback", f"one of {FALLBACKS}", fallback)
+        _check(eps > 0, "eps", "> 0", eps)
         params = trainable_parameters(model)
-        super().__init__(params, {"lr": lr, "beta": beta, "weight_decay": weight_decay})
+        super().__init__(params, {"lr": lr, "beta": beta, "weight_decay": weight_decay, "eps": eps})
         self.damping = damping
         self.fallback = fallback
         self.curvature = CurvatureTracker(
@@ -177,8 +181,8 @@ class FisherOptimizer(torch.optim.Optimizer):
             theta.add_(direction, alpha=-lr / bias_correction)
 
     def _adamw_step(self, tensor: Tensor, piece: Piece, group: dict) -> None:
-        """The default fallback: AdamW with β1 = β, β2 = 0.999, eps = 1e-8 and the group's lr and wd."""
-        beta1, beta2, lr = group["beta"], 0.999, group["lr"]
+        """The default fallback: AdamW with β1 = β, β2 = 0.999 and the group's lr, eps and wd."""
+        beta1, beta2, lr = group["beta"], ADAMW_BETA2, group["lr"]
         state = self.state[tensor]
         if "exp_avg_sq" not in state:
             state["exp_avg_sq"] = torch.zeros_like(tensor, memory_format=torch.preserve_format)
@@ -187,7 +191,7 @@ class FisherOptimizer(torch.optim.Optimizer):
         m.mul_(beta1).add_(grad, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         theta.mul_(1 - lr * group["weight_decay"])
-        denom = (v / (1 - beta2**step)).sqrt_().add_(1e-8)
+        denom = (v / (1 - beta2**step)).sqrt_().add_(group["eps"])
         theta.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
 
     def curvature_contrast(self) -> dict[str, float]:

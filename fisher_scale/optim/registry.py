@@ -8,7 +8,14 @@ import torch
 from torch import nn
 
 from fisher_scale.optim.adafish import AdaFish
-from fisher_scale.optim.adafisher import AdaFisher, AdaFisherW, FisherOptimizer, trainable_parameters
+from fisher_scale.optim.adafisher import (
+    ADAMW_BETA2,
+    ADAMW_EPS,
+    AdaFisher,
+    AdaFisherW,
+    FisherOptimizer,
+    trainable_parameters,
+)
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW,
@@ -21,20 +28,20 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 def build_optimizer(name: str, model: nn.Module, **hyperparameters: object) -> torch.optim.Optimizer:
     """``name`` (adamw | adafisher | adafisherw | adafish) over the trainable parameters of ``model``.
 
-    AdamW takes ``lr``, ``beta`` (its β1; β2 = 0.999, eps = 1e-8) and ``weight_decay``; the Fisher
+    AdamW takes ``lr``, ``beta`` (its β1; β2 = 0.999), ``eps`` and ``weight_decay``; the Fisher
     optimizers take their constructor's arguments. Any other key is an error.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer name must be one of {sorted(OPTIMIZERS)}, got {name!r}")
     if name == "adamw":
-        unknown = set(hyperparameters) - {"lr", "beta", "weight_decay"}
+        unknown = set(hyperparameters) - {"lr", "beta", "eps", "weight_decay"}
         if unknown:
-            raise ValueError(f"adamw does not take {sorted(unknown)} (only lr, beta, weight_decay)")
+            raise ValueError(f"adamw does not take {sorted(unknown)} (only lr, beta, eps, weight_decay)")
         return torch.optim.AdamW(
             trainable_parameters(model),
             lr=float(hyperparameters.get("lr", 1e-3)),
-            betas=(float(hyperparameters.get("beta", 0.9)), 0.999),
-            eps=1e-8,
+            betas=(float(hyperparameters.get("beta", 0.9)), ADAMW_BETA2),
+            eps=float(hyperparameters.get("eps", ADAMW_EPS)),
             weight_decay=float(hyperparameters.get("weight_decay", 0.0)),
         )
     cls = OPTIMIZERS[name]

@@ -13,6 +13,7 @@ import socket
 import sys
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, dict[str, Any], str | None]], out: str) -> None:
+Jobs = list[tuple[str, dict[str, Any], str | None]]
+
+
+def _worker(rank: int, world: int, port: int, jobs: Jobs, out: str, prepare: Callable[[], None] | None) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -41,6 +45,8 @@ def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, dict[str, An
     from fisher_scale.train.worker import Run
 
     try:
+        if prepare is not None:
+            prepare()
         for name, config, restore in jobs:
             reports: list[dict[str, Any]] = []
 
@@ -73,13 +79,14 @@ def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, dict[str, An
     os._exit(0)
 
 
-def run_jobs(world: int, jobs: list[tuple[str, dict[str, Any], str | None]], out: Path) -> None:
-    """Each job: (name, config dict, checkpoint directory to resume from or None)."""
+def run_jobs(world: int, jobs: Jobs, out: Path, prepare: Callable[[], None] | None = None) -> None:
+    """Each job: (name, config dict, checkpoint directory to resume from or None). ``prepare``, a picklable
+    function, runs in every worker before its jobs (tests plant deliberate faults with it)."""
     out.mkdir(parents=True, exist_ok=True)
     for marker in out.glob("done-rank*"):
         marker.unlink()
     try:
-        mp.spawn(_worker, args=(world, free_port(), jobs, str(out)), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), jobs, str(out), prepare), nprocs=world, join=True)
     except Exception as error:
         finished = all((out / f"done-rank{r}").is_file() for r in range(world))
         errors = sorted(out.glob("error-rank*.txt"))

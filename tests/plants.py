@@ -1,0 +1,52 @@
+"""Deliberate sharding faults, planted in the local launcher's workers (``run_jobs(..., prepare=plant)``), so
+that each equivalence test can show it fails on a real sharding bug and not only passes on correct code.
+
+Each plant is an off-by-one in where a rank believes its share lies: the kind of bug a changed DeepSpeed
+layout or a wrong rank offset produces, and the smallest one a comparison has to catch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fisher_scale.optim.pieces import Piece, PieceMap
+
+
+def _misplaced(piece: Piece) -> Piece:
+    """The piece one element further into its optimizer tensor than it is, and one element shorter: each
+    element it addresses is its neighbour, and its first element is addressed by no piece."""
+    return dataclasses.replace(piece, end=piece.end - 1, offset=piece.offset + 1) if piece.numel > 1 else piece
+
+
+def _misplaced_map(pieces: PieceMap | None) -> PieceMap | None:
+    return None if pieces is None else {flat: [_misplaced(p) for p in ps] for flat, ps in pieces.items()}
+
+
+def misplaced_partition_pieces() -> None:
+    """Every ZeRO partition's piece map is off by one element (the Fisher optimizers, masks, guard and
+    checkpoints read it; AdamW's update does not)."""
+    from fisher_scale.train import worker
+
+    real = worker.partition_pieces
+    worker.partition_pieces = lambda engine, model: _misplaced_map(real(engine, model))
+
+
+def misplaced_checkpoint_ranges() -> None:
+    """Optimizer state is saved under element ranges one off from those it holds (training is unaffected)."""
+    from fisher_scale.train import checkpoint
+
+    real = checkpoint._piece_states
+    checkpoint._piece_states = lambda optimizer, pieces: real(optimizer, _misplaced_map(pieces))
+
+
+def overlapping_rank_batches() -> None:
+    """Ranks above 0 start their micro-batch one example early, so one example is seen twice, one never."""
+    from fisher_scale.train.batches import StepBatches
+
+    real = StepBatches.indices
+
+    def indices(self: StepBatches, step: int, rank: int, micro: int) -> list[int]:
+        chosen = real(self, step, rank, micro)
+        return chosen if rank == 0 else real(self, step, rank - 1, micro)[-1:] + chosen[:-1]
+
+    StepBatches.indices = indices
