@@ -244,6 +244,13 @@ class ExperimentConfig(Section):
             raise ValueError("mask.target=peft needs peft.enabled=true")
         if self.model.dtype == "bfloat16" and not self.distributed.use_gpu:
             raise ValueError("model.dtype=bfloat16 needs distributed.use_gpu=true (CPU training runs in float32)")
+        ds_bf16 = self.distributed.deepspeed.get("bf16")
+        bf16 = self.model.dtype == "bfloat16" or (isinstance(ds_bf16, dict) and ds_bf16.get("enabled") is True)
+        if bf16 and self.distributed.zero_stage == 0:
+            raise ValueError(
+                "bf16 at distributed.zero_stage=0 runs DeepSpeed's bf16 optimizer wrapper, which fisher_scale does not "
+                "support with its client optimizers: use zero_stage 1, 2 or 3 (the same fp32 master weights)"
+            )
         return self
 
 

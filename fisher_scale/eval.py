@@ -37,6 +37,7 @@ from fisher_scale.data import (
     gsm8k_user_text,
     lm_features,
 )
+from fisher_scale.optim.distributor import all_gather_object, all_reduce_numbers, rank_world
 
 # a sign only where it cannot be a minus between two terms ("16-3"), an optional $, 1,000-style groups, decimals
 _SIGN = r"(?:(?<![\w)\]])-)?"
@@ -115,12 +116,6 @@ class EvalResult:
     predictions: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _sharded(
     items: list[Record],
     batch_size: int,
@@ -135,19 +130,15 @@ def _sharded(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-    rank, world = _rank_world()
+    rank, world = rank_world()
     local = items[rank::world]
     order = sorted(range(len(local)), key=lambda i: -sum(len(v) for v in local[i].values() if isinstance(v, str)))
     results: list[dict[str, Any]] = [{} for _ in local]
     # Ranks run equally many batches, a rank with fewer filling in with one repeated example whose result is
     # dropped: a ZeRO-3 model gathers its parameters collectively in every forward, so forwards must pair up.
-    rounds = -(-len(local) // batch_size)
-    if world > 1:
-        most = torch.tensor([rounds])
-        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-        rounds = int(most[0])
+    (rounds,) = all_reduce_numbers(-(-len(local) // batch_size), op="max")
     with tqdm(total=len(local), desc=desc, disable=not progress or rank != 0, leave=False) as bar:
-        for start in range(0, rounds * batch_size, batch_size):
+        for start in range(0, int(rounds) * batch_size, batch_size):
             positions = order[start : start + batch_size]
             if not positions:
                 run((local or items)[:1])
@@ -157,8 +148,7 @@ def _sharded(
             bar.update(len(positions))
     if world == 1:
         return results
-    shares: list[list[dict[str, Any]]] = [[] for _ in range(world)]
-    torch.distributed.all_gather_object(shares, results)
+    shares = all_gather_object(results)
     ordered: list[dict[str, Any]] = [{} for _ in items]
     for r, share in enumerate(shares):
         ordered[r::world] = share
@@ -214,7 +204,7 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[list[int]], max
         **batch,
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        synced_gpus=_rank_world()[1] > 1,  # every rank decodes until all are done: ZeRO-3 forwards pair up
+        synced_gpus=rank_world()[1] > 1,  # every rank decodes until all are done: ZeRO-3 forwards pair up
         pad_token_id=pad,
         eos_token_id=sorted(stops) or None,
     )

@@ -18,17 +18,24 @@ def _misplaced(piece: Piece) -> Piece:
     return dataclasses.replace(piece, end=piece.end - 1, offset=piece.offset + 1) if piece.numel > 1 else piece
 
 
-def _misplaced_map(pieces: PieceMap | None) -> PieceMap | None:
-    return None if pieces is None else {flat: [_misplaced(p) for p in ps] for flat, ps in pieces.items()}
+def _misplaced_map(pieces: PieceMap) -> PieceMap:
+    return {flat: [_misplaced(p) for p in ps] for flat, ps in pieces.items()}
 
 
 def misplaced_partition_pieces() -> None:
-    """Every ZeRO partition's piece map is off by one element (the Fisher optimizers, masks, guard and
-    checkpoints read it; AdamW's update does not)."""
+    """Every ZeRO partition's piece map is off by one element, past the distributor's own coverage check (the
+    Fisher optimizers, masks, guard and checkpoints read the map; AdamW's update does not)."""
     from fisher_scale.train import worker
 
-    real = worker.partition_pieces
-    worker.partition_pieces = lambda engine, model: _misplaced_map(real(engine, model))
+    real = worker.from_engine
+
+    def misplaced(engine: object, model: object) -> object:
+        distributor = real(engine, model)
+        if distributor.partitioned:
+            distributor.pieces = _misplaced_map(distributor.pieces)
+        return distributor
+
+    worker.from_engine = misplaced
 
 
 def misplaced_checkpoint_ranges() -> None:

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vjp, vmap
 
+from fisher_scale.optim.distributor import all_reduce
+
 TARGETS = ("peft", "model")
 VARIANTS = ("empirical", "expect")
 #: top-level module names of task heads (HF sequence classifiers): always trained under target="model"
@@ -118,10 +120,8 @@ def fisher_scores(
         model.train(was_training)
     if seen == 0:
         raise ValueError("mask scoring received no examples")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        for score in scores.values():
-            torch.distributed.all_reduce(score)
-    return {n: s.float() for n, s in scores.items()}
+    summed = all_reduce(*scores.values())
+    return {n: s.float() for n, s in zip(scores, summed, strict=True)}
 
 
 class _PerExampleGradients:

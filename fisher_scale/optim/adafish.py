@@ -112,10 +112,8 @@ class AdaFish(FisherOptimizer):
         for tensor, piece in work:
             if id(piece.param) in in_full:
                 blocks[id(piece.param)][piece.start : piece.end] = piece.of(self.state[tensor]["exp_avg"])
-        if self.partitioned and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            packed = torch.cat(list(blocks.values()))
-            torch.distributed.all_reduce(packed)
-            blocks = dict(zip(blocks, packed.split([b.numel() for b in blocks.values()]), strict=True))
+        if self.distributor.partitioned:
+            blocks = dict(zip(blocks, self.distributor.all_reduce(*blocks.values()), strict=True))
         solved = {}
         for layer in full:
             members = _members(layer)

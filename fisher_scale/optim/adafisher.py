@@ -18,8 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from fisher_scale.optim.curvature import EMA_MODES, CurvatureTracker, LayerCurvature
+from fisher_scale.optim.distributor import Distributor
 from fisher_scale.optim.layers import ParamSlot
-from fisher_scale.optim.pieces import Piece, PieceMap, whole_parameters
+from fisher_scale.optim.pieces import Piece
 
 FALLBACKS = ("adamw", "official")
 #: AdamW's β2 and default ε, in ``adamw`` and in the Fisher optimizers' AdamW fallback
@@ -105,16 +106,17 @@ class FisherOptimizer(torch.optim.Optimizer):
         self._layer_of: dict[nn.Parameter, tuple[LayerCurvature, ParamSlot]] = {
             slot.param: (layer, slot) for layer in self.curvature.layers.values() for slot in layer.slots
         }
-        self.pieces: PieceMap = whole_parameters(model)
-        #: whether ranks hold disjoint pieces (ZeRO partitions) rather than whole replicated parameters
-        self.partitioned = False
+        self.distributor = Distributor(model)
         self._pending: set[int] = set()  # tensors not yet stepped in this optimizer step
 
-    def use_pieces(self, pieces: PieceMap) -> None:
-        """Optimise the ZeRO partitions a DeepSpeed engine hands over (disjoint across ranks) instead of
-        the parameters (see ``optim.pieces``)."""
-        self.pieces = pieces
-        self.partitioned = True
+    def distribute(self, distributor: Distributor) -> None:
+        """Optimise the tensors ``distributor`` maps (e.g. the ZeRO partitions a DeepSpeed engine hands over,
+        disjoint across ranks) instead of the parameters."""
+        self.distributor = distributor
+
+    @property
+    def pieces(self) -> dict[Tensor, list[Piece]]:
+        return self.distributor.pieces
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from fisher_scale.optim.distributor import all_reduce, all_reduce_numbers, rank_world
 from fisher_scale.optim.layers import LayerRule, ParamSlot, Stat, find_rules, full_shape
 
 EMA_MODES = ("convex", "official")
@@ -223,22 +224,19 @@ class CurvatureTracker:
             state.fresh()
 
     def _reduce_over_ranks(self) -> None:
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if rank_world()[1] == 1:
             return
         live = [s for s in self.layers.values() if s.acc_in is not None and s.acc_out is not None]
-        seen = torch.tensor([len(live), -len(live)], dtype=torch.float64)
-        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
-        if seen[0] != -seen[1]:
+        most, least = all_reduce_numbers(len(live), -len(live), op="max")
+        if most != -least:
             raise RuntimeError("ranks collected Fisher statistics for different sets of layers in the same step")
-        parts = [t.reshape(-1) for s in live for t in (s.acc_in, s.acc_out)]
-        packed = torch.cat([*(p.double() for p in parts), torch.tensor([s.weight for s in live], dtype=torch.float64)])
-        dist.all_reduce(packed)
-        chunks = packed.split([p.numel() for p in parts] + [len(live)])
+        weights = torch.tensor([s.weight for s in live], dtype=torch.float64)
+        # fp64 sums: the statistics must not depend on the order ranks are added in
+        reduced = all_reduce(*(t.double() for s in live for t in (s.acc_in, s.acc_out)), weights)
         for i, state in enumerate(live):
-            state.acc_in = chunks[2 * i].view_as(state.acc_in).to(state.acc_in.dtype)
-            state.acc_out = chunks[2 * i + 1].view_as(state.acc_out).to(state.acc_out.dtype)
-            state.weight = float(chunks[-1][i])
+            state.acc_in = reduced[2 * i].to(state.acc_in.dtype)
+            state.acc_out = reduced[2 * i + 1].to(state.acc_out.dtype)
+            state.weight = float(reduced[-1][i])
 
     def _refresh(self, state: LayerCurvature) -> None:
         state.eigen = {}

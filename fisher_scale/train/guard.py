@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from fisher_scale.optim import FisherOptimizer
+from fisher_scale.optim.distributor import all_reduce_numbers
 from fisher_scale.optim.pieces import PieceMap
 
 
@@ -44,10 +45,8 @@ class NonFiniteGuard:
 
     def _before(self, *_: object) -> None:
         bad = self._first_bad_parameter()
-        flag = torch.tensor([float(bad is not None or self._bad_loss)])
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag[0] == 0:
+        (flag,) = all_reduce_numbers(float(bad is not None or self._bad_loss), op="max")
+        if flag == 0:
             return
         if not self.skip:
             where = f"in parameter {bad!r}" if bad else "on another rank"

@@ -18,21 +18,21 @@ from torch import Tensor, nn
 from fisher_scale.config import ExperimentConfig
 from fisher_scale.masks import MaskSchedule, load_mask, save_mask
 from fisher_scale.optim import FisherOptimizer, build_optimizer, optimizer_state_bytes
-from fisher_scale.optim.pieces import whole_parameters
+from fisher_scale.optim.distributor import all_reduce_numbers, from_engine
 from fisher_scale.train import checkpoint
 from fisher_scale.train.batches import StepBatches
 from fisher_scale.train.dataset import TrainingSet
 from fisher_scale.train.engine import deepspeed_config, init_distributed
 from fisher_scale.train.guard import NonFiniteGuard
 from fisher_scale.train.profile import PHASES, StepProfiler, peak_memory_bytes
-from fisher_scale.train.zero import functional_model, gathered_parameters, partition_pieces
 
 
 def build_model(cfg: ExperimentConfig, num_labels: int | None) -> nn.Module:
     """The model to train: the named base model, wrapped with PEFT LoRA when ``peft.enabled``."""
     from fisher_scale.models import Lora, apply_lora, load_model
 
-    model = load_model(cfg.model.name, task=cfg.model.task, num_labels=num_labels, seed=cfg.seed)
+    dtype = getattr(torch, cfg.model.dtype)
+    model = load_model(cfg.model.name, task=cfg.model.task, num_labels=num_labels, seed=cfg.seed, dtype=dtype)
     if cfg.model.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.peft.enabled:
@@ -78,11 +78,12 @@ class Run:
         self.engine, *_ = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, config=deepspeed_config(cfg, world)
         )
+        self.device = self.engine.device
         self.parameters = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
-        partitions = partition_pieces(self.engine, self.model)
-        self.pieces = whole_parameters(self.model) if partitions is None else partitions
-        if partitions is not None and isinstance(self.optimizer, FisherOptimizer):
-            self.optimizer.use_pieces(partitions)
+        self.distributor = from_engine(self.engine, self.model)
+        self.pieces = self.distributor.pieces
+        if isinstance(self.optimizer, FisherOptimizer):
+            self.optimizer.distribute(self.distributor)
         self.guard = NonFiniteGuard(self.optimizer, self.pieces, skip=cfg.train.skip_nonfinite)
         self.batches = StepBatches(
             len(self.data), cfg.data.batch_size, cfg.data.gradient_accumulation_steps, world, cfg.seed
@@ -100,7 +101,7 @@ class Run:
         return MaskSchedule(
             self.model,
             self.optimizer,
-            lambda: self.data.scoring_batches(self.rank, self.world, per_rank),
+            lambda: (self._on_device(b) for b in self.data.scoring_batches(self.rank, self.world, per_rank)),
             target=mask.target,
             ratio=mask.ratio,
             samples=per_rank,
@@ -109,7 +110,7 @@ class Run:
             refresh_every=mask.refresh_every,
             head=mask.head,
             pieces=self.pieces,
-            scoring_context=lambda: functional_model(self.engine, self.model),
+            scoring_context=self.distributor.functional,
         )
 
     def _restore(self, directory: Path) -> None:
@@ -124,9 +125,12 @@ class Run:
         warmup = self.cfg.train.warmup_steps
         return self.cfg.lr * min(1.0, (step + 1) / warmup) if warmup else self.cfg.lr
 
+    def _on_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {key: value.to(self.device) for key, value in batch.items()}
+
     def _micro_batches(self, step: int) -> list[dict[str, Tensor]]:
         return [
-            self.data.collate(self.batches.indices(step, self.rank, micro))
+            self._on_device(self.data.collate(self.batches.indices(step, self.rank, micro)))
             for micro in range(self.cfg.data.gradient_accumulation_steps)
         ]
 
@@ -137,33 +141,30 @@ class Run:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = self._lr(step)
         micro_batches = self._micro_batches(step)
-        counts = torch.tensor([float(sum(self.data.target_count(b) for b in micro_batches))])
-        torch.distributed.all_reduce(counts)
-        items = float(counts[0])
+        (items,) = all_reduce_numbers(sum(self.data.target_count(b) for b in micro_batches))
         if items == 0:
             raise ValueError(f"optimizer step {step} has no target token left after truncation: raise data.max_length")
-        loss_sum = torch.zeros(1)
+        loss_sum = 0.0
         for batch in micro_batches:
             if isinstance(self.optimizer, FisherOptimizer):
                 self.optimizer.curvature.token_mask = batch["attention_mask"]
             with self.profiler.phase("forward"):
                 loss = self.data.loss(self.engine, batch, items / self.world)
-            loss_sum += loss.detach() * items / self.world
+            loss_sum += float(loss.detach()) * items / self.world
             self.guard.check_loss(loss, step)
             with self.profiler.phase("backward"):
                 self.engine.backward(loss, scale_wrt_gas=False)
             with self.profiler.phase("optimizer"):
                 self.engine.step()
         self.profiler.step_done()
-        torch.distributed.all_reduce(loss_sum)
         elapsed = time.perf_counter() - started
-        tokens = torch.tensor([float(sum(int(b["attention_mask"].sum()) for b in micro_batches))])
-        torch.distributed.all_reduce(tokens)
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+        loss_sum, tokens = all_reduce_numbers(loss_sum, tokens)
         return {
-            "loss": float(loss_sum[0]) / items / self.world,
+            "loss": loss_sum / items / self.world,
             "lr": self._lr(step),
             "step_time_s": elapsed,
-            "tokens_per_s": float(tokens[0]) / elapsed,
+            "tokens_per_s": tokens / elapsed,
         }
 
     def _metrics(self, step: int, window: list[dict[str, float]]) -> dict[str, Any]:
@@ -174,9 +175,8 @@ class Run:
         metrics["skipped_steps"] = self.history["skipped_steps"] + self.guard.skipped
         metrics["time/train_s"] = self.history["train_time_s"]
         metrics.update(self.profiler.take())
-        peak = torch.tensor([float(peak_memory_bytes(self.cfg.distributed.use_gpu))])
-        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-        metrics["memory/peak_bytes"] = int(peak[0])
+        (peak,) = all_reduce_numbers(peak_memory_bytes(self.cfg.distributed.use_gpu), op="max")
+        metrics["memory/peak_bytes"] = int(peak)
         metrics["model/parameters"] = self.parameters
         metrics["time/eval_s"] = self.history["eval_time_s"]
         if isinstance(self.optimizer, FisherOptimizer):
@@ -221,7 +221,7 @@ class Run:
 
     def _save(self, directory: Path, next_step: int, metrics: dict[str, Any]) -> None:
         history = {**self.history, "skipped_steps": self.history["skipped_steps"] + self.guard.skipped}
-        with gathered_parameters(self.model):
+        with self.distributor.gathered():
             if self.rank == 0:
                 checkpoint.save_weights(directory / "adapter", self.model)
         checkpoint.save_optimizer(directory, self.rank, self.optimizer, self.pieces)
@@ -240,7 +240,7 @@ class Run:
 
     def _save_output(self) -> None:
         output = Path(self.cfg.train.output_dir)
-        with gathered_parameters(self.model):
+        with self.distributor.gathered():
             if self.rank == 0:
                 checkpoint.save_weights(output / "adapter", self.model)
                 if self.mask is not None and self.mask.mask is not None:
