@@ -76,6 +76,11 @@ def test_config_file_errors_name_file_and_key(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"adafish needs peft\.enabled=true"):
         build_config({"optimizer": {"name": "adafish"}, "peft": {"enabled": False}})
     build_config({"distributed": {"zero_stage": 3, "num_workers": 2}})  # evaluation under ZeRO-3 pairs up ranks
+    gpu = {"use_gpu": True, "zero_stage": 0}
+    for bf16 in ({"model": {"dtype": "bfloat16"}}, {"distributed": {"deepspeed": {"bf16": {"enabled": True}}}}):
+        with pytest.raises(ConfigError, match=r"bf16 at distributed\.zero_stage=0 .* use zero_stage 1, 2 or 3"):
+            build_config({**bf16, "distributed": {**gpu, **bf16.get("distributed", {})}})
+    build_config({"model": {"dtype": "bfloat16"}, "distributed": {**gpu, "zero_stage": 1}})
     with pytest.raises(ConfigError, match="--set expects key=value"):
         build_config({}, ["lr"])
 
