@@ -202,21 +202,13 @@ def _compare(args: argparse.Namespace, console: Console) -> int:
 
 def _eval(args: argparse.Namespace, console: Console) -> int:
     from fisher_scale.config import load_config
-    from fisher_scale.models import load_tokenizer
-    from fisher_scale.train.checkpoint import load_weights
-    from fisher_scale.train.dataset import TrainingSet
-    from fisher_scale.train.evaluation import evaluate_experiment
-    from fisher_scale.train.worker import build_model
+    from fisher_scale.train.evaluation import evaluate_checkpoint
 
     cfg = load_config(args.config, args.set)
     checkpoint = args.checkpoint / "adapter" if (args.checkpoint / "adapter").is_dir() else args.checkpoint
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"--checkpoint: no adapter directory at {args.checkpoint}")
-    num_labels = TrainingSet.label_count(cfg)
-    model = build_model(cfg, num_labels)
-    load_weights(checkpoint, model)
-    model.eval()
-    metrics = evaluate_experiment(cfg, model, load_tokenizer(cfg.model.name))
+    metrics = evaluate_checkpoint(cfg, checkpoint)
     table = Table(title=f"{cfg.data.dataset}: {checkpoint}")
     table.add_column("metric")
     table.add_column("value", justify="right")

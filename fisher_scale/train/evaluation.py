@@ -3,8 +3,10 @@ sharded over the ranks by ``fisher_scale.eval``; also what ``fisher-scale eval``
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from fisher_scale.config import ExperimentConfig
@@ -67,3 +69,20 @@ def evaluate_experiment(cfg: ExperimentConfig, model: nn.Module, tokenizer: Any)
         max_length=cfg.data.max_length,
         max_examples=ev.max_examples,
     ).metrics
+
+
+def evaluate_checkpoint(cfg: ExperimentConfig, adapter: Path) -> dict[str, float]:
+    """What ``fisher-scale eval`` reports: the config's model with the saved adapter (or weights) loaded,
+    evaluated in one process, on the GPU when ``distributed.use_gpu``."""
+    from fisher_scale.models import load_tokenizer
+    from fisher_scale.train.checkpoint import load_weights
+    from fisher_scale.train.dataset import TrainingSet
+    from fisher_scale.train.worker import build_model
+
+    if cfg.distributed.use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("distributed.use_gpu=true, but torch sees no CUDA device")
+    model = build_model(cfg, TrainingSet.label_count(cfg))
+    load_weights(adapter, model)
+    model.to("cuda" if cfg.distributed.use_gpu else "cpu").eval()
+    with torch.no_grad():
+        return evaluate_experiment(cfg, model, load_tokenizer(cfg.model.name))
