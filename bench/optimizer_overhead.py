@@ -20,7 +20,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fisher_scale.demo import DEMO_LR, DemoRun, default_data_dir, gsm8k_byte_chunks, interleaved
+from fisher_scale.data import default_data_dir
+from fisher_scale.demo import DEMO_LR, DemoRun, gsm8k_byte_chunks, interleaved
 from fisher_scale.models import PRESETS, Lora
 
 GOALS = {"adafisher": (1.10, 0.6), "adafisherw": (1.10, 0.6), "adafish": (1.20, None)}
