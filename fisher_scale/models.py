@@ -19,6 +19,7 @@ sentence-transformers and a llama.cpp build, are not needed to read the weights)
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -26,6 +27,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -293,17 +295,40 @@ def load_tokenizer(name: str) -> Any:
     return tokenizer
 
 
+@contextlib.contextmanager
+def _partitioned_loading(zero3: dict[str, Any] | None) -> Iterator[None]:
+    """transformers' ZeRO-3 switch for ``from_pretrained``, on for the duration only (it is a process-wide
+    weak reference: left on, it would partition every model loaded after)."""
+    if zero3 is None:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    switch = HfDeepSpeedConfig(zero3)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del switch
+
+
 def load_model(
     name: str,
     task: Literal["causal_lm", "classification"] = "causal_lm",
     num_labels: int | None = None,
     seed: int = 0,
     dtype: torch.dtype | None = None,
+    zero3: dict[str, Any] | None = None,
 ) -> nn.Module:
     """A causal LM, or a sequence classifier with ``num_labels`` outputs (1 = regression, as STS-B).
 
     ``seed`` fixes every randomly initialised weight: a whole tiny model, or a new classification
     head on a pretrained body. ``dtype`` is passed to ``from_pretrained`` (e.g. bf16 for a 7B model).
+    ``zero3``, a DeepSpeed ZeRO-3 config, loads a hub or local model partitioned over the ranks
+    (transformers' DeepSpeed integration builds it under ``deepspeed.zero.Init``; each rank keeps its
+    share, rank 0 reads the checkpoint's tensors in their stored dtype). The built-in random models are
+    built whole: they are small, and their seeded initialisation stays that of one process.
     """
     if task not in ("causal_lm", "classification"):
         raise ValueError(f"task must be 'causal_lm' or 'classification', not {task!r}")
@@ -343,9 +368,10 @@ def load_model(
         model = BertForSequenceClassification(config)
         return model if dtype is None else model.to(dtype)
     source = _pretrained_source(name)
-    if task == "causal_lm":
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, dtype=dtype)
+    with _partitioned_loading(zero3):
+        if task == "causal_lm":
+            return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, dtype=dtype)
     if model.config.pad_token_id is None:  # decoder classifiers pool the last non-pad token
         model.config.pad_token_id = load_tokenizer(name).pad_token_id
     return model

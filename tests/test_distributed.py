@@ -186,3 +186,51 @@ def test_zero3_training_time_evaluation_on_two_ranks_equals_one_rank(tmp_path: P
         two = torch.load(tmp_path / "two" / f"{name}-2-reports.pt")[-1]
         for key in keys:
             assert two[key] == pytest.approx(one[key], rel=1e-4), (name, key)
+
+
+def record_loaded_shares() -> None:
+    """Probe: each rank writes, right after the model is built, how many base-model elements it holds whole
+    and how many as its ZeRO-3 share (``<output_dir>.rank<r>.json``)."""
+    import json
+
+    from fisher_scale.train import worker
+
+    real = worker.build_model
+
+    def build(cfg: object, num_labels: object, zero3: object = None) -> object:
+        model = real(cfg, num_labels, zero3)
+        base = [p for n, p in model.named_parameters() if "lora_" not in n]
+        held = {
+            "whole": sum(p.numel() for p in base),
+            "share": sum(p.ds_tensor.numel() for p in base if hasattr(p, "ds_tensor")),
+            "total": sum(getattr(p, "ds_numel", p.numel()) for p in base),
+        }
+        rank = torch.distributed.get_rank()
+        Path(f"{cfg.train.output_dir}.rank{rank}.json").write_text(json.dumps(held))
+        return model
+
+    worker.build_model = build
+
+
+def test_pretrained_model_loads_partitioned_under_zero3_and_trains_as_one_rank(tmp_path: Path) -> None:
+    """A local pretrained checkpoint under ZeRO-3: every rank holds only its share of the base model from the
+    moment it is loaded (no base parameter whole on any rank), and 2 ranks still end where 1 rank ends."""
+    import json
+
+    from transformers import ByT5Tokenizer
+
+    from fisher_scale.models import load_model
+
+    folder = tmp_path / "pretrained"
+    load_model("tiny-x2", seed=3).save_pretrained(folder)
+    ByT5Tokenizer().save_pretrained(folder)
+    common = {"model__name": str(folder), "train__steps": 6, "train__log_every": 6, "optimizer__name": "adafisher"}
+    run_jobs(1, [("z-ref", experiment("z-ref", tmp_path, data__batch_size=4, **common), None)], tmp_path)
+    zero3 = experiment("z-3", tmp_path, data__batch_size=2, distributed__zero_stage=3, **common)
+    run_jobs(2, [("z-3", zero3, None)], tmp_path, prepare=record_loaded_shares)
+    assert max_relative_difference(adapter(tmp_path, "z-3"), adapter(tmp_path, "z-ref")) < TOLERANCE
+    shares = [json.loads((tmp_path / f"z-3.rank{r}.json").read_text()) for r in range(2)]
+    assert all(s["whole"] == 0 for s in shares), shares  # nothing materialised whole after loading
+    assert shares[0]["total"] == sum(p.numel() for p in load_model("tiny-x2").parameters())
+    assert sum(s["share"] for s in shares) >= shares[0]["total"]  # the shares cover the model (ZeRO pads each)
+    assert max(s["share"] for s in shares) < 0.6 * shares[0]["total"]

@@ -12,6 +12,7 @@ the ranges it owns now. Layout of a checkpoint directory:
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,14 @@ def load_weights(directory: Path, model: nn.Module) -> None:
         unknown = set(weights) - {n for n, _ in model.named_parameters()}
         if unknown:
             raise ValueError(f"{directory}: weights for parameters the model lacks: {sorted(unknown)[:5]}")
-        model.load_state_dict(weights, strict=False)
+        partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]  # loaded under ZeRO-3
+        whole = contextlib.nullcontext()
+        if partitioned:
+            import deepspeed
+
+            whole = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
+        with whole:
+            model.load_state_dict(weights, strict=False)
 
 
 def write_state(directory: Path, state: dict[str, Any]) -> None:

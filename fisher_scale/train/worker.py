@@ -27,12 +27,15 @@ from fisher_scale.train.guard import NonFiniteGuard
 from fisher_scale.train.profile import PHASES, StepProfiler, peak_memory_bytes
 
 
-def build_model(cfg: ExperimentConfig, num_labels: int | None) -> nn.Module:
-    """The model to train: the named base model, wrapped with PEFT LoRA when ``peft.enabled``."""
+def build_model(cfg: ExperimentConfig, num_labels: int | None, zero3: dict[str, Any] | None = None) -> nn.Module:
+    """The model to train: the named base model, wrapped with PEFT LoRA when ``peft.enabled``; a pretrained one
+    loads partitioned when ``zero3`` (the run's DeepSpeed config at stage 3) is given."""
     from fisher_scale.models import Lora, apply_lora, load_model
 
     dtype = getattr(torch, cfg.model.dtype)
-    model = load_model(cfg.model.name, task=cfg.model.task, num_labels=num_labels, seed=cfg.seed, dtype=dtype)
+    model = load_model(
+        cfg.model.name, task=cfg.model.task, num_labels=num_labels, seed=cfg.seed, dtype=dtype, zero3=zero3
+    )
     if cfg.model.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.peft.enabled:
@@ -63,7 +66,8 @@ class Run:
         self.profiler.install()
         torch.manual_seed(cfg.seed)
         self.data = TrainingSet(cfg)
-        self.model = build_model(cfg, self.data.num_labels)
+        ds_config = deepspeed_config(cfg, world)
+        self.model = build_model(cfg, self.data.num_labels, ds_config if cfg.distributed.zero_stage == 3 else None)
         self.start_step = 0
         if restored is not None:
             checkpoint.load_weights(restored / "adapter", self.model)
@@ -75,9 +79,7 @@ class Run:
             self.optimizer.curvature.nonfinite = "skip" if cfg.train.skip_nonfinite else "raise"
             curvature = self.optimizer.curvature
             self.profiler.statistics_clock = lambda: curvature.seconds
-        self.engine, *_ = deepspeed.initialize(
-            model=self.model, optimizer=self.optimizer, config=deepspeed_config(cfg, world)
-        )
+        self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=self.optimizer, config=ds_config)
         self.device = self.engine.device
         self.parameters = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
         self.distributor = from_engine(self.engine, self.model)
