@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fisher_scale.optim import AdaFish, AdaFisher, AdaFisherW
-from fisher_scale.optim.adafisher import fragment_preconditioner
+from fisher_scale.optim.adafisher import FisherOptimizer, fragment_preconditioner
 
 from . import brute
 from .conftest import lm_batch, tiny_classifier, tiny_lora_qwen2, tiny_qwen2
@@ -371,3 +371,42 @@ def test_remove_hooks_stops_collection() -> None:
     optimizer.curvature.remove_hooks()
     model(torch.randn(3, 6)).sum().backward()
     assert all(layer.acc_in is None for layer in optimizer.curvature.layers.values())
+
+
+def _step_in_parts(optimizer: FisherOptimizer, parts: list[list[torch.Tensor]]) -> None:
+    """What a DeepSpeed engine does: one ``step()`` per param group (ZeRO 1/2) or sub-group (ZeRO 3), each call
+    seeing that group alone (an empty one included), inside the loop's explicit optimizer step."""
+    group = optimizer.param_groups[0]
+    with optimizer.one_step():
+        for part in parts:
+            optimizer.param_groups = [{**group, "params": part}]
+            optimizer.step()
+    optimizer.param_groups = [group]
+
+
+@pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
+def test_one_step_over_per_group_calls_equals_one_call_over_all_parameters(cls: type) -> None:
+    whole_model, split_model = tiny_lora_qwen2(), tiny_lora_qwen2()
+    whole, split = cls(whole_model, lr=1e-3, curvature_interval=2), cls(split_model, lr=1e-3, curvature_interval=2)
+    params = split.param_groups[0]["params"]
+    parts = [params[: len(params) // 3], [], params[len(params) // 3 :]]
+    for seed in range(3):
+        for model in (whole_model, split_model):
+            model.zero_grad()
+            model(**lm_batch(seed)).loss.backward()
+        whole.step()
+        _step_in_parts(split, parts)
+    assert whole.curvature.steps == split.curvature.steps == 3  # not once per call
+    for (name, a), b in zip(_lora_state(whole_model).items(), _lora_state(split_model).values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+    for name, layer in whole.curvature.layers.items():
+        torch.testing.assert_close(layer.S, split.curvature.layers[name].S, rtol=0, atol=0)
+
+
+def test_adafish_refuses_a_step_split_over_calls() -> None:
+    model = tiny_lora_qwen2()
+    optimizer = AdaFish(model, lr=1e-3)
+    model(**lm_batch(0)).loss.backward()
+    params = optimizer.param_groups[0]["params"]
+    with pytest.raises(ValueError, match="AdaFish needs all trainable parameters in one step"):
+        _step_in_parts(optimizer, [params[:2], params[2:]])

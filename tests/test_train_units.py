@@ -163,3 +163,57 @@ def test_profiler_counts_fisher_statistics_from_hooks_as_optimizer_time() -> Non
     with torch.no_grad():
         model(**lm_batch(1))
     assert optimizer.curvature.seconds == before  # evaluation forwards collect nothing
+
+
+def test_guard_and_mask_restore_exactly_under_the_explicit_step_boundary() -> None:
+    """Inside ``one_step`` DeepSpeed makes one ``step()`` per group: the guard skips a step whose non-finite
+    gradient shows in its first call exactly (weights, moments, factors, step count; every call skipped), stops
+    on one first seen in a later call, and a mask keeps its masked entries at their values over every call."""
+    import torch
+
+    from fisher_scale.masks import apply_mask
+    from fisher_scale.optim import AdaFisher
+    from fisher_scale.train.guard import NonFiniteGuard
+
+    from .conftest import lm_batch, tiny_lora_qwen2
+
+    model = tiny_lora_qwen2()
+    optimizer = AdaFisher(model, lr=1e-2)
+    guard = NonFiniteGuard(optimizer, optimizer.pieces, skip=True)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    mask = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(0)) < 0.5 for n, p in trainable.items()}
+    apply_mask(model, optimizer, mask)
+    group = optimizer.param_groups[0]
+    parts = [group["params"][:3], group["params"][3:]]
+
+    def step(seed: int, poison: int | None = None) -> None:
+        model.zero_grad()
+        loss = model(**lm_batch(seed)).loss
+        guard.check_loss(loss, seed)
+        loss.backward()
+        if poison is not None:
+            parts[poison][0].grad.view(-1)[0] = float("nan")
+        with optimizer.one_step():
+            for part in parts:
+                optimizer.param_groups = [{**group, "params": part}]
+                optimizer.step()
+        optimizer.param_groups = [group]
+
+    start = {n: p.detach().clone() for n, p in trainable.items()}
+    step(0)
+    for name, p in trainable.items():
+        assert torch.equal(p[~mask[name]], start[name][~mask[name]]), name
+    assert any(not torch.equal(p, start[n]) for n, p in trainable.items())
+    after_one = {n: p.detach().clone() for n, p in trainable.items()}
+    moments = {t: s["exp_avg"].clone() for t, s in optimizer.state.items()}
+    factors = {n: (layer.H.clone(), layer.S.clone()) for n, layer in optimizer.curvature.layers.items()}
+    step(1, poison=0)  # seen in the first call: the whole step is skipped
+    assert guard.skipped == 1 and optimizer.curvature.steps == 1
+    assert all(torch.equal(p, after_one[n]) for n, p in trainable.items())
+    assert all(torch.equal(optimizer.state[t]["exp_avg"], m) for t, m in moments.items())
+    for name, layer in optimizer.curvature.layers.items():
+        assert torch.equal(layer.H, factors[name][0]) and torch.equal(layer.S, factors[name][1]), name
+    step(2)
+    assert optimizer.curvature.steps == 2 and guard.skipped == 1
+    with pytest.raises(FloatingPointError, match=r"first seen in step\(\) call 2 of that step .* cannot be skipped"):
+        step(3, poison=1)

@@ -11,7 +11,8 @@ shifts the pairing of the others.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 import torch
@@ -107,7 +108,9 @@ class FisherOptimizer(torch.optim.Optimizer):
             slot.param: (layer, slot) for layer in self.curvature.layers.values() for slot in layer.slots
         }
         self.distributor = Distributor(model)
-        self._pending: set[int] = set()  # tensors not yet stepped in this optimizer step
+        self._in_step = False  # inside one_step()
+        self._folded = False  # this optimizer step's statistics are folded into the factors
+        self._skipped = False  # this optimizer step is skipped: it does not count
 
     def distribute(self, distributor: Distributor) -> None:
         """Optimise the tensors ``distributor`` maps (e.g. the ZeRO partitions a DeepSpeed engine hands over,
@@ -118,16 +121,40 @@ class FisherOptimizer(torch.optim.Optimizer):
     def pieces(self) -> dict[Tensor, list[Piece]]:
         return self.distributor.pieces
 
+    @contextlib.contextmanager
+    def one_step(self) -> Iterator[None]:
+        """One optimizer step made of every ``step()`` call inside (a DeepSpeed engine's step calls its client once
+        per param group, or per ZeRO-3 sub-group): the factors fold at the first call and the step counts once, at
+        the end. A ``step()`` outside is a whole optimizer step by itself."""
+        self._in_step, self._folded, self._skipped = True, False, False
+        try:
+            yield
+        finally:
+            self._in_step = False
+            self._end_step()
+
+    def skip_step(self) -> None:
+        """Leave this optimizer step's statistics out and do not count it (a skipped non-finite step)."""
+        self.curvature.discard()
+        self._skipped = True
+
+    def _end_step(self) -> None:
+        if not self._skipped:
+            self.curvature.steps += 1
+        self._skipped = False
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # ZeRO calls step() once per param group / sub-group: the factors advance once per optimizer step
-        if not self._pending:
+        whole_step = not self._in_step
+        if whole_step:
+            self._folded = False
+        if not self._folded:
             self.curvature.fold()
-            self._pending = {id(t) for t in self.pieces}
+            self._folded = True
         for group in self.param_groups:
             fisher: list[tuple[Tensor, Piece]] = []
             for tensor in group["params"]:
@@ -146,9 +173,8 @@ class FisherOptimizer(torch.optim.Optimizer):
                         self._adamw_step(tensor, piece, group)
             for (tensor, piece), direction in zip(fisher, self._directions(fisher), strict=True):
                 self._apply(tensor, piece, direction, group)
-            self._pending -= {id(t) for t in group["params"]}
-        if not self._pending:
-            self.curvature.steps += 1
+        if whole_step:
+            self._end_step()
         return loss
 
     def _momentum(self, tensor: Tensor, piece: Piece, group: dict) -> None:

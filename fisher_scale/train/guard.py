@@ -1,8 +1,10 @@
 """Non-finite losses and gradients: stop with the step and the layer, or skip the step exactly.
 
-The guard hooks the client optimizer's ``step()`` (DeepSpeed calls it for every ZeRO stage). Ranks
-agree through one all-reduce of a flag, so all of them stop or skip together. A skipped step leaves
-parameters, optimizer state and Fisher factors exactly as they were.
+The guard hooks the client optimizer's ``step()`` (DeepSpeed calls it for every ZeRO stage, once per param
+group or ZeRO-3 sub-group). Ranks agree through one all-reduce of a flag, so all of them stop or skip together.
+A skipped step leaves parameters, optimizer state and Fisher factors exactly as they were, and does not count;
+every call of a skipped step is skipped. A non-finite gradient first seen in a later call of an optimizer step
+cannot be skipped exactly (the groups before it have stepped): that stops the run, saying so.
 """
 
 from __future__ import annotations
@@ -21,12 +23,16 @@ class NonFiniteGuard:
         self.step = 0
         self.skipped = 0
         self._bad_loss = False
-        self._snapshot: tuple[dict[Tensor, Tensor], dict[Tensor, dict], int] | None = None
+        self._calls = 0  # step() calls so far in this optimizer step
+        self._skipping = False  # this optimizer step is being skipped
+        self._snapshot: tuple[dict[Tensor, Tensor], dict[Tensor, dict]] | None = None
         optimizer.register_step_pre_hook(self._before)
         optimizer.register_step_post_hook(self._after)
 
     def check_loss(self, loss: Tensor, step: int) -> None:
+        """Called with every micro-batch's loss, before the engine step that may run the optimizer."""
         self.step = step
+        self._calls, self._skipping = 0, False
         if not torch.isfinite(loss.detach()).all():
             if not self.skip:
                 raise FloatingPointError(f"non-finite loss {float(loss.detach())} at optimizer step {step}")
@@ -44,40 +50,46 @@ class NonFiniteGuard:
         return None
 
     def _before(self, *_: object) -> None:
-        bad = self._first_bad_parameter()
-        (flag,) = all_reduce_numbers(float(bad is not None or self._bad_loss), op="max")
-        if flag == 0:
-            return
-        if not self.skip:
+        self._calls += 1
+        if not self._skipping:
+            bad = self._first_bad_parameter()
+            (flag,) = all_reduce_numbers(float(bad is not None or self._bad_loss), op="max")
+            if flag == 0:
+                return
             where = f"in parameter {bad!r}" if bad else "on another rank"
-            raise FloatingPointError(f"non-finite gradient {where} at optimizer step {self.step}")
+            if not self.skip:
+                raise FloatingPointError(f"non-finite gradient {where} at optimizer step {self.step}")
+            if self._calls > 1:
+                raise FloatingPointError(
+                    f"non-finite gradient {where} at optimizer step {self.step}, first seen in step() call "
+                    f"{self._calls} of that step (a later param group or ZeRO-3 sub-group): the groups stepped "
+                    "before it cannot be restored, so it cannot be skipped exactly; keep the trainable parameters "
+                    "in one group (raise zero_optimization.sub_group_size)"
+                )
+            self._skipping, self._bad_loss = True, False
+            self.skipped += 1
+            if isinstance(self.optimizer, FisherOptimizer):
+                self.optimizer.skip_step()
         tensors = [t for g in self.optimizer.param_groups for t in g["params"]]
         values = {t: t.detach().clone() for t in tensors}
         states = {
             t: {k: v.clone() if isinstance(v, Tensor) else v for k, v in self.optimizer.state.get(t, {}).items()}
             for t in tensors
         }
-        curvature_steps = self.optimizer.curvature.steps if isinstance(self.optimizer, FisherOptimizer) else 0
-        self._snapshot = values, states, curvature_steps
+        self._snapshot = values, states
         for tensor in tensors:
             if tensor.grad is not None:
                 tensor.grad.zero_()
-        if isinstance(self.optimizer, FisherOptimizer):
-            self.optimizer.curvature.discard()
 
     @torch.no_grad()
     def _after(self, *_: object) -> None:
         if self._snapshot is None:
             return
-        values, states, curvature_steps = self._snapshot
+        values, states = self._snapshot
         for tensor, value in values.items():
             tensor.copy_(value)
             if states[tensor]:
                 self.optimizer.state[tensor] = states[tensor]
             else:
                 self.optimizer.state.pop(tensor, None)
-        if isinstance(self.optimizer, FisherOptimizer):
-            self.optimizer.curvature.steps = curvature_steps
         self._snapshot = None
-        self._bad_loss = False
-        self.skipped += 1

@@ -136,6 +136,13 @@ class Run:
             for micro in range(self.cfg.data.gradient_accumulation_steps)
         ]
 
+    def _optimizer_step(self) -> contextlib.AbstractContextManager:
+        """The explicit optimizer-step boundary around the engine step that runs the client optimizer (the last
+        micro-batch's), however many ``step()`` calls DeepSpeed makes inside it."""
+        if isinstance(self.optimizer, FisherOptimizer) and self.engine.is_gradient_accumulation_boundary():
+            return self.optimizer.one_step()
+        return contextlib.nullcontext()
+
     def _step(self, step: int) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches, with the loss normalised by the step's
         global number of target items, so that any split over ranks and micro-batches gives the same gradient."""
@@ -156,7 +163,7 @@ class Run:
             self.guard.check_loss(loss, step)
             with self.profiler.phase("backward"):
                 self.engine.backward(loss, scale_wrt_gas=False)
-            with self.profiler.phase("optimizer"):
+            with self.profiler.phase("optimizer"), self._optimizer_step():
                 self.engine.step()
         self.profiler.step_done()
         elapsed = time.perf_counter() - started
