@@ -7,8 +7,12 @@ config). It fails unless every loss is finite and the last epoch's mean loss is 
 step time and its ratio to AdamW's, peak GPU memory and optimizer-state bytes, and checks that a tiny fp32 run
 under NCCL on the GPU ends where the same run under gloo on the CPU ends (max relative difference ≤ 1e-4).
 
-    python bench/gpu_check.py [--json out.json]       # one GPU; goal: under 8 minutes on an H100/H200
-    python bench/gpu_check.py --cpu [--json out.json] # gloo, the tiny model in fp32 (the test suite runs this)
+    python bench/gpu_check.py [--workers N] [--json out.json]  # N GPUs (default 1); goal: < 8 min on one H100/H200
+    python bench/gpu_check.py --cpu [--workers 2]               # gloo, the tiny model in fp32 (the test suite)
+
+One GPU exercises devices, dtypes, NCCL's set-up and DeepSpeed's single-rank paths; the collectives between
+ranks (statistics, AdaFish's small matrices, scores, evaluation) need ``--workers 2`` or more, which runs each
+configuration at the same global batch over that many GPUs (or CPU processes).
 
 Goals (issue 11; benchmarks, not tests): on the GPU, AdaFisher's step ≤ 1.05× AdamW's, AdaFish's ≤ 1.10×,
 AdaFisher's optimizer state ≤ 0.6× AdamW's.
@@ -68,7 +72,7 @@ def job(name: str, out: Path, data: Path, **settings: Any) -> tuple[str, dict[st
             "dataset": "gsm8k",
             "source": str(data),
             "max_length": 96,
-            "batch_size": BATCH,
+            "batch_size": BATCH // settings["workers"],
             "max_train_examples": EXAMPLES,
         },
         "train": {"steps": settings["steps"], "log_every": 1, "profile": True, "output_dir": str(out / name)},
@@ -82,7 +86,7 @@ def job(name: str, out: Path, data: Path, **settings: Any) -> tuple[str, dict[st
     return name, config, None
 
 
-def grid(out: Path, data: Path, gpu: bool, steps: int) -> list[tuple[str, dict[str, Any], None]]:
+def grid(out: Path, data: Path, gpu: bool, steps: int, workers: int) -> list[tuple[str, dict[str, Any], None]]:
     model = "qwen2.5-0.5b-shape" if gpu else "tiny"
     jobs = []
     for stage in STAGES:
@@ -90,6 +94,7 @@ def grid(out: Path, data: Path, gpu: bool, steps: int) -> list[tuple[str, dict[s
         for optimizer in LEARNING_RATES:
             for mask in (False, True):
                 settings = {"gpu": gpu, "model": model, "dtype": dtype, "optimizer": optimizer, "mask": mask}
+                settings["workers"] = workers
                 name = f"z{stage}-{optimizer}-mask{int(mask)}"
                 jobs.append(job(name, out, data, stage=stage, steps=steps, **settings))
     return jobs
@@ -128,6 +133,7 @@ def backend_agreement(out: Path, data: Path, gpu: bool) -> float:
     """Max relative difference of the tiny fp32 model's adapter after the same run under NCCL/GPU and gloo/CPU
     (on a CPU-only machine: gloo twice, a determinism check)."""
     settings = {"model": "tiny", "dtype": "float32", "optimizer": "adafisher", "mask": True, "stage": 2, "steps": 8}
+    settings["workers"] = 1
     cpu = job("agree-gloo", out, data, gpu=False, **settings)
     run_jobs(1, [cpu], out)
     other = job("agree-nccl" if gpu else "agree-gloo-again", out, data, gpu=gpu, **settings)
@@ -152,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="gloo and the tiny model (no GPU needed)")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run (a multiple of 4)")
+    parser.add_argument("--workers", type=int, default=1, choices=(1, 2, 4), help="ranks (GPUs) per run")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     gpu = not args.cpu
@@ -161,12 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         data = synthetic_gsm8k(out / "data")
-        jobs = grid(out, data, gpu, args.steps)
-        run_jobs(1, jobs, out, backend="nccl" if gpu else "gloo")
+        jobs = grid(out, data, gpu, args.steps, args.workers)
+        run_jobs(args.workers, jobs, out, backend="nccl" if gpu else "gloo")
         rows = summarise(out, jobs)
         agreement = backend_agreement(out, data, gpu)
     device = torch.cuda.get_device_name() if gpu else "CPU (gloo)"
-    table = Table(title=f"GPU check on {device}: LoRA r8, batch {BATCH}, {args.steps} steps")
+    title = f"GPU check on {device}, {args.workers} rank(s): LoRA r8, global batch {BATCH}, {args.steps} steps"
+    table = Table(title=title)
     for column in ("ZeRO", "optimizer", "mask", "dtype", "loss first→last epoch", "step ms", "× AdamW"):
         table.add_column(column, justify="right")
     for column in ("peak MiB", "state MiB", "state × AdamW"):

@@ -111,3 +111,22 @@ def test_collectives_over_two_gloo_ranks_sum_max_and_gather_in_each_inputs_dtype
         assert result["most"].tolist() == [1.0, 5.0]
         assert result["numbers"] == [2.0, 2.0]
         assert result["objects"] == [("rank", 0), ("rank", 1)]
+
+
+def test_a_stage0_engine_whose_optimizer_holds_other_tensors_is_refused() -> None:
+    """At ZeRO-0 the client must update the model's own parameters; a wrapper holding copies (DeepSpeed's fp16 or
+    bf16 optimizer) would leave the Fisher optimizers with no piece to update, silently."""
+    from types import SimpleNamespace
+
+    from fisher_scale.optim.distributor import from_engine
+
+    model = _model()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def engine(params: list) -> SimpleNamespace:
+        optimizer = SimpleNamespace(param_groups=[{"params": params}])
+        return SimpleNamespace(zero_optimization_stage=lambda: 0, optimizer=optimizer)
+
+    assert not from_engine(engine(trainable), model).partitioned
+    with pytest.raises(RuntimeError, match="does not hold the model's trainable parameters themselves"):
+        from_engine(engine([p.detach().clone() for p in trainable]), model)

@@ -1,4 +1,5 @@
-"""``bench/gpu_check.py`` in its CPU mode (gloo, tiny model), so the GPU check cannot rot between GPU runs."""
+"""``bench/gpu_check.py`` in its CPU mode (gloo, tiny model, 2 ranks so that the collectives run), so the GPU
+check cannot rot between GPU runs."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ def _module():
 def test_cpu_mode_trains_every_optimizer_stage_and_mask_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "check.json"
     done = subprocess.run(
-        [sys.executable, str(BENCH), "--cpu", "--steps", "8", "--json", str(out)], capture_output=True, text=True
+        [sys.executable, str(BENCH), "--cpu", "--workers", "2", "--steps", "8", "--json", str(out)],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())

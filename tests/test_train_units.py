@@ -189,7 +189,8 @@ def test_guard_and_mask_restore_exactly_under_the_explicit_step_boundary() -> No
     def step(seed: int, poison: int | None = None) -> None:
         model.zero_grad()
         loss = model(**lm_batch(seed)).loss
-        guard.check_loss(loss, seed)
+        guard.begin_step(seed)
+        guard.check_loss(loss)
         loss.backward()
         if poison is not None:
             parts[poison][0].grad.view(-1)[0] = float("nan")

@@ -120,8 +120,9 @@ def fisher_scores(
         model.train(was_training)
     if seen == 0:
         raise ValueError("mask scoring received no examples")
-    summed = all_reduce(*scores.values())
-    return {n: s.float() for n, s in zip(scores, summed, strict=True)}
+    for name in scores:  # one at a time: a second set of model-sized buffers at once would double the memory
+        (scores[name],) = all_reduce(scores[name])
+    return {n: s.float() for n, s in scores.items()}
 
 
 class _PerExampleGradients:

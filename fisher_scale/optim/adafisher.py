@@ -125,12 +125,15 @@ class FisherOptimizer(torch.optim.Optimizer):
     def one_step(self) -> Iterator[None]:
         """One optimizer step made of every ``step()`` call inside (a DeepSpeed engine's step calls its client once
         per param group, or per ZeRO-3 sub-group): the factors fold at the first call and the step counts once, at
-        the end. A ``step()`` outside is a whole optimizer step by itself."""
+        the end; a step DeepSpeed dropped without calling the client leaves the factors as they were and does not
+        count. A ``step()`` outside is a whole optimizer step by itself."""
         self._in_step, self._folded, self._skipped = True, False, False
         try:
             yield
         finally:
             self._in_step = False
+            if not self._folded:  # no step() call: DeepSpeed dropped the step (a non-finite gradient norm)
+                self.skip_step()
             self._end_step()
 
     def skip_step(self) -> None:

@@ -95,23 +95,20 @@ class Distributor:
         self.pieces = whole_parameters(model) if pieces is None else pieces
         self._check_coverage()
 
-    @property
-    def rank(self) -> int:
-        return rank_world()[0]
-
-    @property
-    def world(self) -> int:
-        return rank_world()[1]
-
     def _check_coverage(self) -> None:
-        """Every trainable element in exactly one piece: on this rank (replicated) or over all ranks."""
+        """Every trainable element in exactly one piece: on this rank (replicated) or over all ranks. Partitioned
+        maps are gathered before anything is judged, so every rank fails together (none waits in a collective)."""
         held = [(p.name, p.start, p.end) for pieces in self.pieces.values() for p in pieces]
-        for tensor, pieces in self.pieces.items():
-            for piece in pieces:
-                if piece.offset < 0 or piece.offset + piece.numel > tensor.numel() or piece.numel <= 0:
-                    self._fail(f"piece {piece.name}[{piece.start}:{piece.end}) lies outside its flat tensor")
+        problems = [
+            f"piece {piece.name}[{piece.start}:{piece.end}) lies outside its flat tensor"
+            for tensor, pieces in self.pieces.items()
+            for piece in pieces
+            if piece.offset < 0 or piece.offset + piece.numel > tensor.numel() or piece.numel <= 0
+        ]
         if self.partitioned:
-            held = [entry for share in all_gather_object(held) for entry in share]
+            shares = all_gather_object((held, problems))
+            held = [entry for share, _ in shares for entry in share]
+            problems = [problem for _, share in shares for problem in share]
         by_name: dict[str, list[tuple[int, int]]] = {}
         for name, start, end in held:
             by_name.setdefault(name, []).append((start, end))
@@ -122,12 +119,14 @@ class Distributor:
             for start, end in sorted(by_name.pop(name, [])):
                 if start != covered:
                     which = "held twice" if start < covered else "held by no rank"
-                    self._fail(f"elements [{min(start, covered)}:{max(start, covered)}) of {name!r} are {which}")
-                covered = end
+                    problems.append(f"elements [{min(start, covered)}:{max(start, covered)}) of {name!r} are {which}")
+                covered = max(covered, end)
             if covered != numel:
-                self._fail(f"{name!r} is covered up to element {covered} of {numel}")
+                problems.append(f"{name!r} is covered up to element {covered} of {numel}")
         if by_name:
-            self._fail(f"it names parameters the model does not train: {sorted(by_name)[:3]}")
+            problems.append(f"it names parameters the model does not train: {sorted(by_name)[:3]}")
+        if problems:
+            self._fail("; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
 
     def _fail(self, problem: str) -> None:
         import importlib.metadata
@@ -173,7 +172,7 @@ def _same_storage(a: Tensor, b: Tensor) -> bool:
 
 
 class Zero12(Distributor):
-    """ZeRO 1/2 (and DeepSpeed's bf16 optimizer): pieces from each parameter's ``_hp_mapping``."""
+    """ZeRO 1/2: pieces from each parameter's ``_hp_mapping``."""
 
     partitioned = True
     source = "DeepSpeed ZeRO-1/2's _hp_mapping"
@@ -232,12 +231,16 @@ class Zero3(Distributor):
     @contextlib.contextmanager
     def functional(self) -> Iterator[None]:
         """DeepSpeed's hooks are re-registered after, which it supports (it invalidates its fetch trace)."""
+        remove, restore = (
+            _require(self.offload, "_remove_module_hooks"),
+            _require(self.offload, "setup_zero_stage3_hooks"),
+        )
         with self.gathered():
-            self.offload._remove_module_hooks()
+            remove()
             try:
                 yield
             finally:
-                self.offload.setup_zero_stage3_hooks()
+                restore()
 
 
 def from_engine(engine: object, model: nn.Module) -> Distributor:
@@ -247,6 +250,11 @@ def from_engine(engine: object, model: nn.Module) -> Distributor:
         return Zero3(model, engine.optimizer)
     if stage in (1, 2):
         return Zero12(model, list(_require(engine.optimizer, "single_partition_of_fp32_groups")))
-    if engine.bfloat16_enabled():
-        return Zero12(model, list(_require(engine.optimizer, "fp32_groups_flat_partition")))
-    return Distributor(model)
+    distributor = Distributor(model)
+    held = {id(t) for group in engine.optimizer.param_groups for t in group["params"]}
+    if held != {id(t) for t in distributor.pieces}:
+        distributor._fail(
+            f"at ZeRO stage 0 DeepSpeed's optimizer ({type(engine.optimizer).__name__}) does not hold the model's "
+            "trainable parameters themselves (a bf16/fp16 wrapper?): use ZeRO stage 1-3"
+        )
+    return distributor

@@ -1,7 +1,7 @@
 """The sharding seam: which elements of which model parameter each optimizer tensor holds.
 
 Without ZeRO the optimizer holds the model's parameters themselves (one piece each, the whole
-parameter). Under ZeRO it holds flat fp32 partitions; a distributor (``fisher_scale.train.zero``)
+parameter). Under ZeRO it holds flat fp32 partitions; a distributor (``fisher_scale.optim.distributor``)
 maps each partition to pieces ``[offset, offset + numel)`` = elements ``[start, end)`` of a flattened
 parameter. The optimizer math works on pieces and never sees the parallelism (DESIGN.md).
 """

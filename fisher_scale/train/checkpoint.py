@@ -12,7 +12,6 @@ the ranges it owns now. Layout of a checkpoint directory:
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -104,14 +103,15 @@ def load_weights(directory: Path, model: nn.Module) -> None:
         unknown = set(weights) - {n for n, _ in model.named_parameters()}
         if unknown:
             raise ValueError(f"{directory}: weights for parameters the model lacks: {sorted(unknown)[:5]}")
-        partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]  # loaded under ZeRO-3
-        whole = contextlib.nullcontext()
-        if partitioned:
-            import deepspeed
-
-            whole = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
-        with whole:
+        params = dict(model.named_parameters())
+        if not any(hasattr(p, "ds_id") for p in params.values()):
             model.load_state_dict(weights, strict=False)
+            return
+        import deepspeed
+
+        for name, value in weights.items():  # loaded under ZeRO-3: one parameter whole at a time
+            with torch.no_grad(), deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
+                params[name].copy_(value)
 
 
 def write_state(directory: Path, state: dict[str, Any]) -> None:

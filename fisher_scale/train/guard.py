@@ -1,10 +1,12 @@
 """Non-finite losses and gradients: stop with the step and the layer, or skip the step exactly.
 
-The guard hooks the client optimizer's ``step()`` (DeepSpeed calls it for every ZeRO stage, once per param
-group or ZeRO-3 sub-group). Ranks agree through one all-reduce of a flag, so all of them stop or skip together.
+The guard hooks the client optimizer's ``step()`` (DeepSpeed calls it once per param group or ZeRO-3
+sub-group). Ranks agree through an all-reduce of a flag in each call, so all of them stop or skip together.
 A skipped step leaves parameters, optimizer state and Fisher factors exactly as they were, and does not count;
 every call of a skipped step is skipped. A non-finite gradient first seen in a later call of an optimizer step
-cannot be skipped exactly (the groups before it have stepped): that stops the run, saying so.
+cannot be skipped exactly (the groups before it have stepped): that stops the run, saying so. Under ZeRO 1-3
+DeepSpeed itself drops a step whose gradient norm is non-finite without calling the client: the loop reports
+that through :meth:`end_step`, which stops or counts the skip the same way.
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ from fisher_scale.optim.pieces import PieceMap
 
 
 class NonFiniteGuard:
-    def __init__(self, optimizer: torch.optim.Optimizer, pieces: PieceMap, *, skip: bool) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, pieces: PieceMap, *, skip: bool, loss_scaling: bool = False
+    ) -> None:
         self.optimizer, self.pieces, self.skip = optimizer, pieces, skip
+        #: fp16 with DeepSpeed's dynamic loss scale: its dropped steps are overflows it answers by lowering the scale
+        self.loss_scaling = loss_scaling
         self.step = 0
         self.skipped = 0
         self._bad_loss = False
@@ -29,14 +35,27 @@ class NonFiniteGuard:
         optimizer.register_step_pre_hook(self._before)
         optimizer.register_step_post_hook(self._after)
 
-    def check_loss(self, loss: Tensor, step: int) -> None:
-        """Called with every micro-batch's loss, before the engine step that may run the optimizer."""
+    def begin_step(self, step: int) -> None:
         self.step = step
-        self._calls, self._skipping = 0, False
+        self._bad_loss, self._calls, self._skipping = False, 0, False
+
+    def check_loss(self, loss: Tensor) -> None:
+        """Every micro-batch's loss, before its backward."""
         if not torch.isfinite(loss.detach()).all():
             if not self.skip:
-                raise FloatingPointError(f"non-finite loss {float(loss.detach())} at optimizer step {step}")
+                raise FloatingPointError(f"non-finite loss {float(loss.detach())} at optimizer step {self.step}")
             self._bad_loss = True
+
+    def end_step(self, applied: bool) -> None:
+        """After the engine step that runs the optimizer; ``applied``: DeepSpeed's ``was_step_applied()``."""
+        if applied or self._skipping:
+            return
+        if not (self.skip or self.loss_scaling):
+            raise FloatingPointError(
+                f"non-finite gradient at optimizer step {self.step}: DeepSpeed found the gradient norm non-finite "
+                "and dropped the step"
+            )
+        self.skipped += 1
 
     def _first_bad_parameter(self) -> str | None:
         for group in self.optimizer.param_groups:

@@ -89,6 +89,8 @@ def run_jobs(
     """Each job: (name, config dict, checkpoint directory to resume from or None). ``prepare``, a picklable
     function, runs in every worker before its jobs (tests plant deliberate faults with it). ``backend="nccl"``
     puts rank r on GPU r (jobs then set ``distributed.use_gpu``)."""
+    if backend == "nccl" and world > torch.cuda.device_count():
+        raise ValueError(f"backend nccl puts one rank on each GPU: {world} ranks, {torch.cuda.device_count()} GPUs")
     out.mkdir(parents=True, exist_ok=True)
     for marker in out.glob("done-rank*"):
         marker.unlink()

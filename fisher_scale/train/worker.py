@@ -86,7 +86,9 @@ class Run:
         self.pieces = self.distributor.pieces
         if isinstance(self.optimizer, FisherOptimizer):
             self.optimizer.distribute(self.distributor)
-        self.guard = NonFiniteGuard(self.optimizer, self.pieces, skip=cfg.train.skip_nonfinite)
+        self.guard = NonFiniteGuard(
+            self.optimizer, self.pieces, skip=cfg.train.skip_nonfinite, loss_scaling=self.engine.fp16_enabled()
+        )
         self.batches = StepBatches(
             len(self.data), cfg.data.batch_size, cfg.data.gradient_accumulation_steps, world, cfg.seed
         )
@@ -151,6 +153,7 @@ class Run:
             group["lr"] = self._lr(step)
         micro_batches = self._micro_batches(step)
         (items,) = all_reduce_numbers(sum(self.data.target_count(b) for b in micro_batches))
+        self.guard.begin_step(step)
         if items == 0:
             raise ValueError(f"optimizer step {step} has no target token left after truncation: raise data.max_length")
         loss_sum = 0.0
@@ -160,11 +163,12 @@ class Run:
             with self.profiler.phase("forward"):
                 loss = self.data.loss(self.engine, batch, items / self.world)
             loss_sum += float(loss.detach()) * items / self.world
-            self.guard.check_loss(loss, step)
+            self.guard.check_loss(loss)
             with self.profiler.phase("backward"):
                 self.engine.backward(loss, scale_wrt_gas=False)
             with self.profiler.phase("optimizer"), self._optimizer_step():
                 self.engine.step()
+        self.guard.end_step(self.engine.was_step_applied())
         self.profiler.step_done()
         elapsed = time.perf_counter() - started
         tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
