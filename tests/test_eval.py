@@ -373,9 +373,8 @@ def test_sharded_evaluation_over_two_gloo_ranks_equals_one_process(tmp_path: Pat
         for rank in ranks:
             sharded_metrics, sharded_predictions = rank["results"][name]
             assert sharded_metrics == pytest.approx(metrics, rel=1e-6), name
-            assert [p.get("generated", p.get("prediction")) for p in sharded_predictions] == [
-                p.get("generated", p.get("prediction")) for p in predictions
-            ], name
+            for key in ("generated", "prediction", "gold", "label", "question"):  # the examples, in input order
+                assert [p.get(key) for p in sharded_predictions] == [p.get(key) for p in predictions], (name, key)
     assert "gsm8k" in ranks[0]["stderr"] and "glue/sst2" in ranks[0]["stderr"]
     assert "gsm8k" not in ranks[1]["stderr"] and "glue/sst2" not in ranks[1]["stderr"]
 

@@ -82,6 +82,12 @@ def all_gather_object(value: Any) -> list[Any]:
     return gathered
 
 
+def barrier() -> None:
+    """Wait until every rank gets here (nothing to wait for without a process group)."""
+    if rank_world()[1] > 1:
+        torch.distributed.barrier()
+
+
 class Distributor:
     """Replicated parameters: the optimizer holds the model's own trainable parameters on every rank."""
 

@@ -46,6 +46,7 @@ def _worker(
         torch.cuda.set_device(rank)
     torch.distributed.init_process_group(backend, rank=rank, world_size=world)
     from fisher_scale.config import ExperimentConfig
+    from fisher_scale.optim.distributor import barrier
     from fisher_scale.train.worker import Run
 
     try:
@@ -62,13 +63,13 @@ def _worker(
                     import shutil
 
                     shutil.copytree(directory, Path(out) / f"{name}-checkpoint-{metrics['step']}", dirs_exist_ok=True)
-                torch.distributed.barrier()
+                barrier()
 
             cfg = ExperimentConfig.model_validate(config)
             Run(cfg, rank, world, reporter=reporter, restored=Path(restore) if restore else None).train()
             if rank == 0:
                 torch.save(reports, Path(out) / f"{name}-reports.pt")
-            torch.distributed.barrier()
+            barrier()
         (Path(out) / f"done-rank{rank}").touch()
     except BaseException:
         (Path(out) / f"error-rank{rank}.txt").write_text(traceback.format_exc())
