@@ -40,10 +40,9 @@ class NonFiniteGuard:
         self._bad_loss, self._calls, self._skipping = False, 0, False
 
     def check_loss(self, loss: Tensor) -> None:
-        """Every micro-batch's loss, before its backward."""
+        """Every micro-batch's loss, before its backward. A non-finite one is remembered and acted on at the step's
+        optimizer call, where the ranks agree: a rank that stopped alone would leave the others in a collective."""
         if not torch.isfinite(loss.detach()).all():
-            if not self.skip:
-                raise FloatingPointError(f"non-finite loss {float(loss.detach())} at optimizer step {self.step}")
             self._bad_loss = True
 
     def end_step(self, applied: bool) -> None:
@@ -51,8 +50,9 @@ class NonFiniteGuard:
         if applied or self._skipping:
             return
         if not (self.skip or self.loss_scaling):
+            what = "loss" if self._bad_loss else "gradient"
             raise FloatingPointError(
-                f"non-finite gradient at optimizer step {self.step}: DeepSpeed found the gradient norm non-finite "
+                f"non-finite {what} at optimizer step {self.step}: DeepSpeed found the gradient norm non-finite "
                 "and dropped the step"
             )
         self.skipped += 1
@@ -72,15 +72,15 @@ class NonFiniteGuard:
         self._calls += 1
         if not self._skipping:
             bad = self._first_bad_parameter()
-            (flag,) = all_reduce_numbers(float(bad is not None or self._bad_loss), op="max")
+            (flag,) = all_reduce_numbers(2.0 if self._bad_loss else float(bad is not None), op="max")
             if flag == 0:
                 return
-            where = f"in parameter {bad!r}" if bad else "on another rank"
+            where = "loss" if flag == 2 else f"gradient in parameter {bad!r}" if bad else "gradient on another rank"
             if not self.skip:
-                raise FloatingPointError(f"non-finite gradient {where} at optimizer step {self.step}")
+                raise FloatingPointError(f"non-finite {where} at optimizer step {self.step}")
             if self._calls > 1:
                 raise FloatingPointError(
-                    f"non-finite gradient {where} at optimizer step {self.step}, first seen in step() call "
+                    f"non-finite {where} at optimizer step {self.step}, first seen in step() call "
                     f"{self._calls} of that step (a later param group or ZeRO-3 sub-group): the groups stepped "
                     "before it cannot be restored, so it cannot be skipped exactly; keep the trainable parameters "
                     "in one group (raise zero_optimization.sub_group_size)"

@@ -173,6 +173,8 @@ class Run:
         elapsed = time.perf_counter() - started
         tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
         loss_sum, tokens = all_reduce_numbers(loss_sum, tokens)
+        if not (math.isfinite(loss_sum) or self.cfg.train.skip_nonfinite):  # every rank sees the sum: all stop
+            raise FloatingPointError(f"non-finite loss at optimizer step {step}")
         return {
             "loss": loss_sum / items / self.world,
             "lr": self._lr(step),
