@@ -373,7 +373,7 @@ def test_remove_hooks_stops_collection() -> None:
     assert all(layer.acc_in is None for layer in optimizer.curvature.layers.values())
 
 
-def _step_in_parts(optimizer: FisherOptimizer, parts: list[list[torch.Tensor]]) -> None:
+def step_in_parts(optimizer: FisherOptimizer, parts: list[list[torch.Tensor]]) -> None:
     """What a DeepSpeed engine does: one ``step()`` per param group (ZeRO 1/2) or sub-group (ZeRO 3), each call
     seeing that group alone (an empty one included), inside the loop's explicit optimizer step."""
     group = optimizer.param_groups[0]
@@ -395,7 +395,7 @@ def test_one_step_over_per_group_calls_equals_one_call_over_all_parameters(cls: 
             model.zero_grad()
             model(**lm_batch(seed)).loss.backward()
         whole.step()
-        _step_in_parts(split, parts)
+        step_in_parts(split, parts)
     assert whole.curvature.steps == split.curvature.steps == 3  # not once per call
     for (name, a), b in zip(_lora_state(whole_model).items(), _lora_state(split_model).values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
@@ -409,4 +409,4 @@ def test_adafish_refuses_a_step_split_over_calls() -> None:
     model(**lm_batch(0)).loss.backward()
     params = optimizer.param_groups[0]["params"]
     with pytest.raises(ValueError, match="AdaFish needs all trainable parameters in one step"):
-        _step_in_parts(optimizer, [params[:2], params[2:]])
+        step_in_parts(optimizer, [params[:2], params[2:]])

@@ -176,6 +176,7 @@ def test_guard_and_mask_restore_exactly_under_the_explicit_step_boundary() -> No
     from fisher_scale.train.guard import NonFiniteGuard
 
     from .conftest import lm_batch, tiny_lora_qwen2
+    from .test_adafisher import step_in_parts
 
     model = tiny_lora_qwen2()
     optimizer = AdaFisher(model, lr=1e-2)
@@ -194,11 +195,7 @@ def test_guard_and_mask_restore_exactly_under_the_explicit_step_boundary() -> No
         loss.backward()
         if poison is not None:
             parts[poison][0].grad.view(-1)[0] = float("nan")
-        with optimizer.one_step():
-            for part in parts:
-                optimizer.param_groups = [{**group, "params": part}]
-                optimizer.step()
-        optimizer.param_groups = [group]
+        step_in_parts(optimizer, parts)
 
     start = {n: p.detach().clone() for n, p in trainable.items()}
     step(0)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from fisher_scale.optim.adafisher import ADAMW_EPS, FisherOptimizer, _check
 from fisher_scale.optim.curvature import Factor, LayerCurvature
+from fisher_scale.optim.distributor import all_reduce
 from fisher_scale.optim.layers import full_numel, full_shape
 from fisher_scale.optim.pieces import Piece
 
@@ -113,7 +114,7 @@ class AdaFish(FisherOptimizer):
             if id(piece.param) in in_full:
                 blocks[id(piece.param)][piece.start : piece.end] = piece.of(self.state[tensor]["exp_avg"])
         if self.distributor.partitioned:
-            blocks = dict(zip(blocks, self.distributor.all_reduce(*blocks.values()), strict=True))
+            blocks = dict(zip(blocks, all_reduce(*blocks.values()), strict=True))
         solved = {}
         for layer in full:
             members = _members(layer)

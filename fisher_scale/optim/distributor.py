@@ -146,9 +146,6 @@ class Distributor:
             "fisher_scale reads its internals as verified on deepspeed 0.19.8)"
         )
 
-    def all_reduce(self, *tensors: Tensor, op: str = "sum") -> list[Tensor]:
-        return all_reduce(*tensors, op=op)
-
     @contextlib.contextmanager
     def gathered(self) -> Iterator[None]:
         """Whole parameters on every rank for the duration (they already are here)."""

@@ -45,17 +45,19 @@ class NonFiniteGuard:
         if not torch.isfinite(loss.detach()).all():
             self._bad_loss = True
 
-    def end_step(self, applied: bool) -> None:
-        """After the engine step that runs the optimizer; ``applied``: DeepSpeed's ``was_step_applied()``."""
-        if applied or self._skipping:
-            return
-        if not (self.skip or self.loss_scaling):
-            what = "loss" if self._bad_loss else "gradient"
-            raise FloatingPointError(
-                f"non-finite {what} at optimizer step {self.step}: DeepSpeed found the gradient norm non-finite "
-                "and dropped the step"
-            )
-        self.skipped += 1
+    def end_step(self, applied: bool, loss_finite: bool) -> None:
+        """After the engine step that runs the optimizer. ``applied``: DeepSpeed's ``was_step_applied()``;
+        ``loss_finite``: whether the step's loss summed over the ranks is finite (every rank sees the same sum)."""
+        if not (applied or self._skipping):
+            if not (self.skip or self.loss_scaling):
+                what = "loss" if self._bad_loss else "gradient"
+                raise FloatingPointError(
+                    f"non-finite {what} at optimizer step {self.step}: DeepSpeed found the gradient norm non-finite "
+                    "and dropped the step"
+                )
+            self.skipped += 1
+        if not (loss_finite or self.skip):
+            raise FloatingPointError(f"non-finite loss at optimizer step {self.step}")
 
     def _first_bad_parameter(self) -> str | None:
         for group in self.optimizer.param_groups:

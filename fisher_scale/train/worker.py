@@ -168,13 +168,11 @@ class Run:
                 self.engine.backward(loss, scale_wrt_gas=False)
             with self.profiler.phase("optimizer"), self._optimizer_step():
                 self.engine.step()
-        self.guard.end_step(self.engine.was_step_applied())
         self.profiler.step_done()
         elapsed = time.perf_counter() - started
         tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
         loss_sum, tokens = all_reduce_numbers(loss_sum, tokens)
-        if not (math.isfinite(loss_sum) or self.cfg.train.skip_nonfinite):  # every rank sees the sum: all stop
-            raise FloatingPointError(f"non-finite loss at optimizer step {step}")
+        self.guard.end_step(self.engine.was_step_applied(), loss_finite=math.isfinite(loss_sum))
         return {
             "loss": loss_sum / items / self.world,
             "lr": self._lr(step),
