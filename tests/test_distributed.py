@@ -186,6 +186,12 @@ def test_zero3_training_time_evaluation_on_two_ranks_equals_one_rank(tmp_path: P
         two = torch.load(tmp_path / "two" / f"{name}-2-reports.pt")[-1]
         for key in keys:
             assert two[key] == pytest.approx(one[key], rel=1e-4), (name, key)
+    # the same comparison catches an off-by-one partition map in the two training steps before evaluation (the
+    # planted loss moved by 0.6%, more than 10x the tolerance)
+    planted = [("sst2-2", experiment("sst2", tmp_path / "planted", data__batch_size=2, **shared), None)]
+    run_jobs(2, planted, tmp_path / "planted", prepare=plants.misplaced_partition_pieces)
+    one = torch.load(tmp_path / "one" / "sst2-1-reports.pt")[-1]["glue/sst2/loss"]
+    assert torch.load(tmp_path / "planted" / "sst2-2-reports.pt")[-1]["glue/sst2/loss"] != pytest.approx(one, rel=1e-3)
 
 
 def record_loaded_shares() -> None:
