@@ -240,3 +240,74 @@ def test_pretrained_model_loads_partitioned_under_zero3_and_trains_as_one_rank(t
     assert shares[0]["total"] == sum(p.numel() for p in load_model("tiny-x2").parameters())
     assert sum(s["share"] for s in shares) >= shares[0]["total"]  # the shares cover the model (ZeRO pads each)
     assert max(s["share"] for s in shares) < 0.6 * shares[0]["total"]
+
+
+def anonymous_memory() -> int:
+    """This process's anonymous resident bytes: what it allocated (mapped checkpoint files are page cache)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("RssAnon:")).split()[1]) * 1024
+
+
+def record_host_memory() -> None:
+    """Probe: each rank writes its anonymous memory just before the model is built, and its peak from then until
+    DeepSpeed's engine holds the model (``<output_dir>.memory.rank<r>.json``), sampled every 5 ms."""
+    import json
+    import threading
+    import time
+
+    import deepspeed
+
+    from fisher_scale.train import worker
+
+    real_build, real_initialize = worker.build_model, deepspeed.initialize
+    memory, written = {"before": 0, "peak": 0}, []
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while True:
+            sampling.wait()
+            memory["peak"] = max(memory["peak"], anonymous_memory())
+            time.sleep(0.005)
+
+    def build(cfg: object, num_labels: object, zero3: object = None) -> object:
+        memory["before"] = memory["peak"] = anonymous_memory()
+        written.append(Path(f"{cfg.train.output_dir}.memory.rank{torch.distributed.get_rank()}.json"))
+        sampling.set()
+        return real_build(cfg, num_labels, zero3)
+
+    def initialize(*args: object, **kwargs: object) -> object:
+        engine = real_initialize(*args, **kwargs)
+        sampling.clear()
+        written[-1].write_text(json.dumps(memory))
+        return engine
+
+    threading.Thread(target=sample, daemon=True).start()
+    worker.build_model, deepspeed.initialize = build, initialize
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads anonymous memory from Linux's /proc")
+def test_zero3_workers_never_hold_the_whole_model(tmp_path: Path) -> None:
+    """A 300M-parameter checkpoint stored in bf16, trained in fp32 under ZeRO-3 on 2 ranks: from loading until
+    DeepSpeed's engine holds the model, no rank's memory grows by more than 3/4 of the fp32 model. Measured: 0.67;
+    loaded whole (each rank converts a full fp32 copy) 1.14; partitioned but with glibc's adaptive heap 1.09. A
+    step's gathered layers are device memory on a GPU; on a CPU glibc's heap keeps them after they are freed, so
+    the step is not part of this measure."""
+    import json
+
+    from transformers import ByT5Tokenizer
+
+    from fisher_scale.models import load_model
+
+    folder = tmp_path / "pretrained"
+    model = load_model("tiny-x16", seed=3)
+    fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
+    model.to(torch.bfloat16).save_pretrained(folder)
+    del model
+    ByT5Tokenizer().save_pretrained(folder)
+    job = experiment(
+        "z-3", tmp_path, model__name=str(folder), data__max_length=32, distributed__zero_stage=3, train__steps=1
+    )
+    run_jobs(2, [("z-3", job, None)], tmp_path, prepare=record_host_memory)
+    for rank in range(2):
+        memory = json.loads((tmp_path / f"z-3.memory.rank{rank}.json").read_text())
+        assert memory["peak"] - memory["before"] < 0.75 * fp32_bytes, (rank, memory, fp32_bytes)

@@ -147,8 +147,8 @@ class Distributor:
         )
 
     @contextlib.contextmanager
-    def gathered(self) -> Iterator[None]:
-        """Whole parameters on every rank for the duration (they already are here)."""
+    def gathered(self, parameters: list[nn.Parameter] | None = None) -> Iterator[None]:
+        """``parameters`` (default: all the model's) whole on every rank for the duration (they already are)."""
         yield
 
     @contextlib.contextmanager
@@ -225,10 +225,11 @@ class Zero3(Distributor):
         super().__init__(model, pieces)
 
     @contextlib.contextmanager
-    def gathered(self) -> Iterator[None]:
+    def gathered(self, parameters: list[nn.Parameter] | None = None) -> Iterator[None]:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+        chosen = list(self.model.parameters()) if parameters is None else parameters
+        with deepspeed.zero.GatheredParameters(chosen, modifier_rank=None):
             yield
 
     @contextlib.contextmanager

@@ -234,13 +234,9 @@ class Run:
 
     def _save(self, directory: Path, next_step: int, metrics: dict[str, Any]) -> None:
         history = {**self.history, "skipped_steps": self.history["skipped_steps"] + self.guard.skipped}
-        with self.distributor.gathered():
-            if self.rank == 0:
-                checkpoint.save_weights(directory / "adapter", self.model)
+        self._save_weights(directory)
         checkpoint.save_optimizer(directory, self.rank, self.optimizer, self.pieces)
         if self.rank == 0:
-            if self.mask is not None and self.mask.mask is not None:
-                save_mask(self.mask.mask, directory / "mask.safetensors")
             checkpoint.write_state(
                 directory,
                 {
@@ -252,12 +248,15 @@ class Run:
             )
 
     def _save_output(self) -> None:
-        output = Path(self.cfg.train.output_dir)
-        with self.distributor.gathered():
+        self._save_weights(Path(self.cfg.train.output_dir))
+
+    def _save_weights(self, directory: Path) -> None:
+        """Rank 0 writes the trained weights and the mask; under ZeRO-3 only the trained ones are gathered."""
+        with self.distributor.gathered([p for p in self.model.parameters() if p.requires_grad]):
             if self.rank == 0:
-                checkpoint.save_weights(output / "adapter", self.model)
+                checkpoint.save_weights(directory / "adapter", self.model)
                 if self.mask is not None and self.mask.mask is not None:
-                    save_mask(self.mask.mask, output / "mask.safetensors")
+                    save_mask(self.mask.mask, directory / "mask.safetensors")
 
 
 def reported_metrics(cfg: ExperimentConfig) -> set[str]:
