@@ -244,14 +244,25 @@ class ExperimentConfig(Section):
             raise ValueError("mask.target=peft needs peft.enabled=true")
         if self.model.dtype == "bfloat16" and not self.distributed.use_gpu:
             raise ValueError("model.dtype=bfloat16 needs distributed.use_gpu=true (CPU training runs in float32)")
-        ds_bf16 = self.distributed.deepspeed.get("bf16")
-        bf16 = self.model.dtype == "bfloat16" or (isinstance(ds_bf16, dict) and ds_bf16.get("enabled") is True)
+        bf16 = self.model.dtype == "bfloat16" or _deepspeed_enables(self.distributed.deepspeed, "bf16")
+        if _deepspeed_enables(self.distributed.deepspeed, "fp16"):
+            raise ValueError(
+                "distributed.deepspeed.fp16 is not supported: its dynamic loss scale multiplies the gradients the "
+                "Fisher statistics and FISH scores are built from, and the steps it drops on overflow would stop "
+                "the run; use model.dtype=bfloat16 (no loss scaling)"
+            )
         if bf16 and self.distributed.zero_stage == 0:
             raise ValueError(
                 "bf16 at distributed.zero_stage=0 runs DeepSpeed's bf16 optimizer wrapper, which fisher_scale does not "
                 "support with its client optimizers: use zero_stage 1, 2 or 3 (the same fp32 master weights)"
             )
         return self
+
+
+def _deepspeed_enables(deepspeed: dict[str, Any], section: str) -> bool:
+    """Whether the DeepSpeed config overrides switch ``section`` (``{"enabled": true}``) on."""
+    value = deepspeed.get(section)
+    return isinstance(value, dict) and value.get("enabled") is True
 
 
 class ConfigError(ValueError):

@@ -81,6 +81,10 @@ def test_config_file_errors_name_file_and_key(tmp_path) -> None:
         with pytest.raises(ConfigError, match=r"bf16 at distributed\.zero_stage=0 .* use zero_stage 1, 2 or 3"):
             build_config({**bf16, "distributed": {**gpu, **bf16.get("distributed", {})}})
     build_config({"model": {"dtype": "bfloat16"}, "distributed": {**gpu, "zero_stage": 1}})
+    fp16 = {"distributed": {**gpu, "zero_stage": 2, "deepspeed": {"fp16": {"enabled": True}}}}
+    with pytest.raises(ConfigError, match=r"distributed\.deepspeed\.fp16 is not supported: .* model\.dtype=bfloat16"):
+        build_config(fp16)
+    build_config({"distributed": {**gpu, "zero_stage": 2, "deepspeed": {"fp16": {"enabled": False}}}})
     with pytest.raises(ConfigError, match="--set expects key=value"):
         build_config({}, ["lr"])
 
