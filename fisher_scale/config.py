@@ -93,11 +93,16 @@ class DataConfig(Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
 
 
+#: ``train.lr_schedule`` values (fisher_scale.train.schedule)
+LrSchedule = Literal["constant", "linear", "cosine"]
+
+
 class TrainConfig(Section):
     """``train.*``: the loop."""
 
     steps: int = Field(50, ge=1, description="optimizer steps")
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up")
+    lr_schedule: LrSchedule = Field("constant", description="after warm-up: constant, or linear/cosine decay to 0")
     log_every: int = Field(5, ge=1, description="steps between metric reports (Ray reports cost ~1.5 s)")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0 = only at the end)")
     output_dir: str = Field("outputs/run", description="final adapter/model and result.json")

@@ -219,3 +219,47 @@ def test_guard_and_mask_restore_exactly_under_the_explicit_step_boundary() -> No
     assert optimizer.curvature.steps == 2 and guard.skipped == 1
     with pytest.raises(FloatingPointError, match=r"first seen in step\(\) call 2 of that step .* cannot be skipped"):
         step(3, poison=1)
+
+
+def test_model_and_lora_targets_are_checked_before_ray_starts(tmp_path: Path) -> None:
+    """On the model's meta-device skeleton: targets that name none of its modules and an unreadable model are
+    config errors that name the key (and the layer names the model has); a matching config passes."""
+    from fisher_scale.train.launcher import check_model
+
+    check_model(build_config({"model": {"name": "tiny"}}))  # the default targets are Qwen2's projections
+    encoder = {"model": {"name": "tiny-encoder", "task": "classification"}}
+    with pytest.raises(
+        ConfigError,
+        match=r"peft\.target_modules: q_proj, k_proj, v_proj, o_proj name no module .*"
+        r"linear layers are named classifier, dense, key, query, value",
+    ):
+        check_model(build_config(encoder))
+    with pytest.raises(ConfigError, match=r"peft\.target_modules: o_proj name no module"):  # PEFT: silently 2 of 3
+        check_model(build_config({**encoder, "peft": {"target_modules": ["query", "value", "o_proj"]}}))
+    check_model(build_config({**encoder, "peft": {"target_modules": ["query", "value"]}}))
+    check_model(build_config({**encoder, "peft": {"enabled": False}}))
+    with pytest.raises(ConfigError, match=r"model\.name: .*absent.* cannot be loaded"):
+        check_model(build_config({"model": {"name": str(tmp_path / "absent")}}))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_lr_schedule_after_warm_up_is_transformers_schedule(schedule: str) -> None:
+    """After warm-up, each step's lr is that of transformers' scheduler of the same name (an independent
+    implementation); during warm-up it rises linearly to the peak at the last warm-up step."""
+    import torch
+    from transformers import get_scheduler
+
+    from fisher_scale.train.schedule import learning_rate
+
+    steps, warmup, peak = 40, 5, 0.3
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=peak)
+    reference = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    expected = []
+    for _ in range(steps):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        reference.step()
+    ours = [learning_rate(k, peak=peak, steps=steps, warmup=warmup, schedule=schedule) for k in range(steps)]
+    assert ours[:warmup] == pytest.approx([peak * (k + 1) / warmup for k in range(warmup)])
+    assert ours[warmup:] == pytest.approx(expected[warmup:])
+    assert ours[-1] == pytest.approx(peak if schedule == "constant" else expected[-1]) and ours[-1] > 0

@@ -56,6 +56,35 @@ def resolve_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg.model_copy(update={"data": data, "model": model, "train": train, "distributed": distributed})
 
 
+def check_model(cfg: ExperimentConfig) -> None:
+    """``model.name`` can be read and every ``peft.target_modules`` entry names some of its modules (PEFT's rule:
+    the module's name or a dotted suffix of it), checked on the model's meta-device skeleton (only its config is
+    read) before any cluster work; PEFT then wraps the skeleton, so a target it cannot adapt is caught too."""
+    from torch import nn
+
+    from fisher_scale.models import Lora, apply_lora, model_skeleton
+
+    try:
+        model = model_skeleton(cfg.model.name, cfg.model.task)
+    except (OSError, ValueError, ImportError) as error:
+        raise ConfigError(f"model.name: {cfg.model.name!r} cannot be loaded: {error}") from None
+    if not cfg.peft.enabled:
+        return
+    names = [name for name, _ in model.named_modules()]
+    targets = cfg.peft.target_modules
+    unmatched = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if unmatched:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(
+            f"peft.target_modules: {', '.join(unmatched)} name no module of {cfg.model.name!r}; "
+            f"its linear layers are named {', '.join(linear)}"
+        )
+    try:
+        apply_lora(model, Lora(cfg.peft.rank, target_modules=targets), task=cfg.model.task)
+    except ValueError as error:
+        raise ConfigError(f"peft.target_modules: {error}") from None
+
+
 def start_ray(cfg: ExperimentConfig, *, log_to_driver: bool = True) -> None:
     """Join ``distributed.address`` (or ``$RAY_ADDRESS``) or start a local Ray instance (once per process)."""
     import ray
@@ -136,6 +165,7 @@ def run_training(cfg: ExperimentConfig, *, run_name: str | None = None) -> dict[
     if cfg.train.resume_from and not (Path(cfg.train.resume_from) / "trainer_state.json").is_file():
         raise ConfigError(f"train.resume_from: {cfg.train.resume_from} is not a fisher-scale checkpoint directory")
     check_local_resources(cfg)
+    check_model(cfg)
     start_ray(cfg)
     check_resources(cfg, ray.cluster_resources())
     history = Path(cfg.train.output_dir) / "metrics.jsonl"

@@ -25,6 +25,7 @@ from fisher_scale.train.dataset import TrainingSet
 from fisher_scale.train.engine import deepspeed_config, init_distributed
 from fisher_scale.train.guard import NonFiniteGuard
 from fisher_scale.train.profile import PHASES, StepProfiler, peak_memory_bytes
+from fisher_scale.train.schedule import learning_rate
 
 
 def build_model(cfg: ExperimentConfig, num_labels: int | None, zero3: dict[str, Any] | None = None) -> nn.Module:
@@ -126,8 +127,10 @@ class Run:
             self.mask.restore(load_mask(directory / "mask.safetensors", self.model))
 
     def _lr(self, step: int) -> float:
-        warmup = self.cfg.train.warmup_steps
-        return self.cfg.lr * min(1.0, (step + 1) / warmup) if warmup else self.cfg.lr
+        train = self.cfg.train
+        return learning_rate(
+            step, peak=self.cfg.lr, steps=train.steps, warmup=train.warmup_steps, schedule=train.lr_schedule
+        )
 
     def _on_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {key: value.to(self.device) for key, value in batch.items()}

@@ -26,6 +26,7 @@ from fisher_scale import tracking
 from fisher_scale.config import ConfigError, ExperimentConfig, flatten, with_values
 from fisher_scale.train.launcher import (
     check_local_resources,
+    check_model,
     check_resources,
     fit,
     resolve_paths,
@@ -138,8 +139,11 @@ def open_study(
         raise ConfigError(f"--resume: no unfinished study named {cfg.name!r} under {root}")
     if state is not None:
         cfg = ExperimentConfig.model_validate(state.config)
-    for trial_cfg in check(cfg):
+    trial_cfgs = check(cfg)
+    for trial_cfg in trial_cfgs:
         check_local_resources(trial_cfg)
+    for model_cfg in {(c.model.model_dump_json(), c.peft.model_dump_json()): c for c in trial_cfgs}.values():
+        check_model(model_cfg)
     uri = state.tracking_uri if state is not None else tracking.tracking_uri(cfg)
     tracking.check_reachable(uri)
     client = tracking.client(uri)
