@@ -198,7 +198,9 @@ class TuneConfig(Section):
     max_concurrent: int | None = Field(None, ge=1, description="trials at once; default: as many as the cluster fits")
     metric: str = Field("gsm8k/loss", description="reported metric to optimise (an eval or training metric)")
     mode: Literal["min", "max"] = "min"
-    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler, seeded with the top-level seed")
+    sampler: Literal["tpe", "random", "qmc"] = Field(
+        "tpe", description="Optuna sampler (qmc: scrambled Sobol), seeded with the top-level seed"
+    )
     storage: str = Field("sqlite:///optuna.db", description="Optuna storage URL (SQLite file or database URL)")
     scheduler: Literal["none", "asha"] = Field("none", description="asha: stop poor trials early (on step)")
     grace_period: int = Field(10, ge=1, description="ASHA: steps before a trial can be stopped")

@@ -176,6 +176,28 @@ def test_least_time_to_target_is_taken_over_trials_not_from_the_fewest_steps() -
     assert row["median steps to target"] == 8 and row["median train s to target"] == 40.0
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_qmc_sampler_covers_the_space_more_evenly_than_random_search(seed: int) -> None:
+    """``tune.sampler: qmc``: 16 trials over two ranges have a lower discrepancy (scipy's, an independent
+    measure of how evenly points fill the unit square) than 16 random-search trials with the same seed."""
+    import optuna
+    from scipy.stats import qmc
+
+    from fisher_scale.tune.study import optuna_sampler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = {"x": optuna.distributions.FloatDistribution(0.0, 1.0), "y": optuna.distributions.FloatDistribution(0, 1)}
+
+    def points(sampler: str) -> list[list[float]]:
+        study = optuna.create_study(sampler=optuna_sampler(sampler, seed))
+        trials = [study.ask(space) for _ in range(16)]
+        return [[t.params["x"], t.params["y"]] for t in trials]
+
+    assert isinstance(optuna_sampler("qmc", seed), optuna.samplers.QMCSampler)
+    assert points("qmc") == points("qmc")  # seeded
+    assert qmc.discrepancy(points("qmc")) < qmc.discrepancy(points("random"))
+
+
 def test_local_stores_are_created_where_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A fresh checkout has no outputs/ folder: the SQLite files of MLflow and Optuna get theirs."""
     from fisher_scale.tracking import check_reachable, tracking_uri

@@ -63,17 +63,24 @@ def _max_concurrent(cfg: ExperimentConfig, resources: dict[str, float]) -> int:
     return max(1, int(resources.get("CPU", 0) // (dist.num_workers * dist.cpus_per_worker)))
 
 
-def _search(label: str, base: ExperimentConfig, space: dict, state: StudyState) -> Any:
-    """Optuna (TPE or random, seeded) over the space, stored where optuna-dashboard can read it, and ASHA."""
+def optuna_sampler(name: str, seed: int) -> Any:
+    """``tune.sampler``, seeded: TPE, random, or QMC (scrambled Sobol points, which cover a space evenly with few
+    trials, where TPE is still random search during its start-up trials)."""
     import optuna
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def _search(label: str, base: ExperimentConfig, space: dict, state: StudyState) -> Any:
+    """Optuna (``tune.sampler``) over the space, stored where optuna-dashboard can read it, and ASHA."""
     from ray.tune.schedulers import ASHAScheduler
 
     cfg = base.tune
-    sampler = (
-        optuna.samplers.TPESampler(seed=base.seed)
-        if cfg.sampler == "tpe"
-        else optuna.samplers.RandomSampler(seed=base.seed)
-    )
+    sampler = optuna_sampler(cfg.sampler, base.seed)
     search = EvalStepOptunaSearch(
         optuna_distributions(space),
         metric=cfg.metric,
