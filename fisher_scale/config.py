@@ -53,6 +53,9 @@ class MaskConfig(Section):
     enabled: bool = False
     target: Literal["peft", "model"] = Field("peft", description="peft: adapter matrices; model: all parameters")
     ratio: float = Field(0.5, gt=0, le=1, description="kept fraction of the candidates")
+    selection: Literal["fisher", "random", "reversed"] = Field(
+        "fisher", description="which entries: highest Fisher scores, seeded random (seed), or lowest scores"
+    )
     samples: int = Field(1024, ge=1, description="examples scored (batch-size-1 semantics)")
     variant: Literal["empirical", "expect"] = "empirical"
     warmup_steps: int = Field(0, ge=0, description="dense steps before the mask is computed")

@@ -101,6 +101,54 @@ def test_exactly_k_kept_with_deterministic_ties() -> None:
     assert select_mask(flat_zero, 0.3)["x"].tolist() == [True] * 3 + [False] * 7
 
 
+def brute_selection(scores: dict[str, torch.Tensor], k: int, lowest: bool) -> dict[str, list[bool]]:
+    """The k highest (or lowest) entries by sorting (score, flat index) pairs: ties go to the lowest index."""
+    flat = [(v, name, i) for name in scores for i, v in enumerate(scores[name].reshape(-1).tolist())]
+    order = sorted(range(len(flat)), key=lambda j: (flat[j][0] if lowest else -flat[j][0], j))
+    chosen = {(flat[j][1], flat[j][2]) for j in order[:k]}
+    return {name: [(name, i) in chosen for i in range(scores[name].numel())] for name in scores}
+
+
+@pytest.mark.parametrize("selection", ["fisher", "reversed"])
+def test_fisher_and_reversed_selection_equal_a_sort(selection: str) -> None:
+    generator = torch.Generator().manual_seed(3)
+    scores = {
+        "a": torch.randint(0, 5, (6, 7), generator=generator).float(),
+        "b": torch.randint(0, 5, (9,), generator=generator).float(),
+    }
+    for ratio in (0.1, 0.3, 0.5, 0.9):
+        mask = select_mask(scores, ratio, selection=selection)
+        expected = brute_selection(scores, round(ratio * 51), lowest=selection == "reversed")
+        assert {n: m.reshape(-1).tolist() for n, m in mask.items()} == expected, ratio
+
+
+def test_random_selection_keeps_k_seeded_entries_whatever_the_scores() -> None:
+    """Exactly k entries, the same for a seed, other entries for another seed; over 300 seeds every entry is
+    kept about ratio of the time, so the scores (here strictly ordered) play no part."""
+    scores = {"a": torch.arange(30.0).reshape(5, 6), "b": torch.arange(30.0, 40.0)}
+    masks = [select_mask(scores, 0.3, selection="random", seed=seed) for seed in range(300)]
+    assert all(sum(int(m.sum()) for m in mask.values()) == 12 for mask in masks)
+    assert all(torch.equal(masks[0][n], select_mask(scores, 0.3, selection="random", seed=0)[n]) for n in scores)
+    assert not all(torch.equal(masks[0][n], masks[1][n]) for n in scores)
+    frequency = torch.stack([torch.cat([m["a"].reshape(-1), m["b"]]).float() for m in masks]).mean(0)
+    assert frequency.sub(0.3).abs().max() < 0.12  # ~4.5 standard deviations of a 300-draw frequency
+    with pytest.raises(ValueError, match=r"mask\.selection must be one of"):
+        select_mask(scores, 0.3, selection="lowest")
+
+
+def test_random_selection_scores_nothing() -> None:
+    model = _standard_lora()
+
+    def no_batches() -> list:
+        raise AssertionError("a random mask must not score")
+
+    schedule = MaskSchedule(model, build_optimizer("adamw", model), no_batches, ratio=0.25, selection="random")
+    schedule.before_step(0)
+    candidates, _ = candidate_parameters(model, "peft")
+    kept = sum(int(schedule.mask[n].sum()) for n in candidates)
+    assert kept == round(0.25 * sum(p.numel() for p in candidates.values()))
+
+
 def test_selection_is_global_not_per_layer() -> None:
     generator = torch.Generator().manual_seed(0)
     scores = {"loud": 1000 * torch.rand(50, generator=generator), "quiet": torch.rand(50, generator=generator)}

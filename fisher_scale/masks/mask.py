@@ -25,17 +25,36 @@ def _check_ratio(ratio: float) -> None:
         raise ValueError(f"mask.ratio must be in (0, 1], got {ratio!r}")
 
 
-def select_mask(scores: Mapping[str, Tensor], ratio: float, *, always_keep: Mapping[str, Tensor] | None = None) -> Mask:
+#: ``mask.selection``: the highest Fisher scores (FISH), k seeded random entries, or the lowest scores
+SELECTIONS = ("fisher", "random", "reversed")
+
+
+def select_mask(
+    scores: Mapping[str, Tensor],
+    ratio: float,
+    *,
+    always_keep: Mapping[str, Tensor] | None = None,
+    selection: str = "fisher",
+    seed: int = 0,
+) -> Mask:
     """One global top-k over all candidates, ``k = round(ratio · N)`` with N counting every candidate
     and every always-kept parameter (a task head, kept whole, counts against the budget).
 
-    Ties at the threshold go to the lowest flat index in name order, so exactly k entries are kept
-    and every rank with the same scores selects the same mask.
+    ``selection`` picks which k (FISH-Tuning's contrastive baselines keep the same count): the highest
+    scores, k entries drawn uniformly with ``seed`` (the scores unused), or the lowest scores. Ties at the
+    threshold go to the lowest flat index in name order, so exactly k entries are kept and every rank with
+    the same scores (and seed) selects the same mask.
     """
     _check_ratio(ratio)
+    if selection not in SELECTIONS:
+        raise ValueError(f"mask.selection must be one of {SELECTIONS}, got {selection!r}")
     always_keep = always_keep or {}
     names = list(scores)
     flat = torch.cat([scores[n].detach().reshape(-1).float() for n in names])
+    if selection == "reversed":
+        flat = -flat
+    elif selection == "random":
+        flat = torch.rand(flat.numel(), generator=torch.Generator().manual_seed(seed))
     kept_whole = sum(p.numel() for p in always_keep.values())
     k = round(ratio * (flat.numel() + kept_whole)) - kept_whole
     if k < 1:

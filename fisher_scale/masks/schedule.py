@@ -32,6 +32,8 @@ class MaskSchedule:
         *,
         target: str = "peft",
         ratio: float,
+        selection: str = "fisher",
+        seed: int = 0,
         samples: int = 1024,
         variant: str = "empirical",
         warmup_steps: int = 0,
@@ -45,6 +47,7 @@ class MaskSchedule:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         self.model, self.optimizer, self.score_batches = model, optimizer, score_batches
         self.target, self.ratio, self.samples, self.variant = target, ratio, samples, variant
+        self.selection, self.seed = selection, seed
         self.warmup_steps, self.refresh_every, self.head = warmup_steps, refresh_every, tuple(head)
         self.pieces = pieces
         #: entered around scoring, e.g. to give torch.func whole parameters under ZeRO-3
@@ -64,10 +67,14 @@ class MaskSchedule:
         with self.scoring_context():
             scores = self._scores()
         _, heads = candidate_parameters(self.model, self.target, self.head)
-        self.restore(select_mask(scores, self.ratio, always_keep=heads))
+        self.restore(select_mask(scores, self.ratio, always_keep=heads, selection=self.selection, seed=self.seed))
         return self.report
 
     def _scores(self) -> dict[str, Tensor]:
+        """Fisher scores of the candidates; a random selection needs only their shapes."""
+        if self.selection == "random":
+            candidates, _ = candidate_parameters(self.model, self.target, self.head)
+            return {name: torch.zeros(p.shape) for name, p in candidates.items()}
         return fisher_scores(
             self.model,
             self.score_batches(),

@@ -109,6 +109,8 @@ class Run:
             lambda: (self._on_device(b) for b in self.data.scoring_batches(self.rank, self.world, per_rank)),
             target=mask.target,
             ratio=mask.ratio,
+            selection=mask.selection,
+            seed=self.cfg.seed,
             samples=per_rank,
             variant=mask.variant,
             warmup_steps=mask.warmup_steps,
