@@ -14,6 +14,7 @@ Metric names are the ones training reports: ``gsm8k/accuracy``, ``gsm8k/loss``,
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -258,9 +259,19 @@ def evaluate_gsm8k(
     return EvalResult(metrics, rows)
 
 
+def majority_share(predictions: Sequence[int]) -> float:
+    """The share of the most frequent predicted class: 1.0 is one class for every example, a classifier
+    collapsed to chance level whatever its accuracy."""
+    return Counter(predictions).most_common(1)[0][1] / len(predictions)
+
+
 def _glue_result(spec: GlueTask, task: str, split: str, rows: list[dict[str, Any]], loss: float) -> EvalResult:
+    """GLUE's metrics, the loss, and for a classification task the share of its most frequent prediction."""
     prefix = glue_metric_prefix(task, split)
-    values = glue_metrics(spec.name, [r["prediction"] for r in rows], [r["label"] for r in rows])
+    predictions = [r["prediction"] for r in rows]
+    values = glue_metrics(spec.name, predictions, [r["label"] for r in rows])
+    if not spec.is_regression:
+        values["majority_share"] = majority_share(predictions)
     return EvalResult({**{f"{prefix}/{k}": v for k, v in values.items()}, f"{prefix}/loss": loss}, rows)
 
 

@@ -244,6 +244,7 @@ def test_sst2_slice_trains_an_encoder_and_evaluates_end_to_end() -> None:
     assert result.metrics == {
         "glue/sst2/accuracy": accuracy_score(gold, predictions),
         "glue/sst2/loss": pytest.approx(sum(hf_losses) / 24, rel=1e-5),
+        "glue/sst2/majority_share": max(predictions.count(c) for c in (0, 1)) / 24,
     }
     train_result = evaluate_glue_classifier(model, tokenizer, "SST-2", records, max_length=64, progress=False)
     assert train_result.metrics["glue/sst2/accuracy"] == 1.0  # the 16 training sentences are memorised
@@ -282,6 +283,7 @@ def test_causal_lm_glue_picks_the_most_likely_verbaliser() -> None:
     assert result.metrics == {
         "glue/sst2/accuracy": accuracy_score([r["label"] for r in SYNTHETIC_SST2], predicted),
         "glue/sst2/loss": pytest.approx(nll / tokens, rel=1e-5),
+        "glue/sst2/majority_share": max(predicted.count(c) for c in (0, 1)) / 5,
     }
 
 
@@ -316,6 +318,19 @@ def test_regression_encoder_reports_squared_error() -> None:
     assert [r["prediction"] for r in result.predictions] == pytest.approx(outputs, rel=1e-5)
     mse = sum((o - r["label"]) ** 2 for o, r in zip(outputs, records, strict=True)) / 2
     assert result.metrics["glue/stsb/loss"] == pytest.approx(mse, rel=1e-5)
+
+
+def test_classifier_reports_the_share_of_its_most_frequent_prediction() -> None:
+    """``glue/<task>/majority_share``, counted here from the per-example predictions; 1.0 = one class for all."""
+    tokenizer, model = load_tokenizer("tiny-encoder"), load_model("tiny-encoder", "classification", num_labels=2)
+    result = evaluate_glue_classifier(model, tokenizer, "sst2", SYNTHETIC_SST2, progress=False)
+    predictions = [r["prediction"] for r in result.predictions]
+    share = max(predictions.count(c) for c in set(predictions)) / len(predictions)
+    assert result.metrics["glue/sst2/majority_share"] == share
+    with torch.no_grad():
+        model.classifier.bias.copy_(torch.tensor([0.0, 1e4]))  # every sentence class 1
+    result = evaluate_glue_classifier(model, tokenizer, "sst2", SYNTHETIC_SST2, progress=False)
+    assert result.metrics["glue/sst2/majority_share"] == 1.0 and result.metrics["glue/sst2/accuracy"] == 0.6
 
 
 def glue_features(record: dict, tokenizer: Any) -> dict:

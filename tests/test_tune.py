@@ -198,6 +198,47 @@ def test_qmc_sampler_covers_the_space_more_evenly_than_random_search(seed: int) 
     assert qmc.discrepancy(points("qmc")) < qmc.discrepancy(points("random"))
 
 
+def test_collapsed_and_diverged_trials_are_reported_as_such(tmp_path: Path) -> None:
+    """The MLflow ``outcome`` tag and the trial table's status follow each report: a classifier predicting one
+    class is ``collapsed`` whatever its accuracy, the worker's divergence flag makes ``diverged``, and a report
+    without an evaluation changes nothing."""
+    from types import SimpleNamespace
+
+    from fisher_scale import tracking
+    from fisher_scale.train.worker import diverged
+    from fisher_scale.tune.callbacks import MlflowTrials, TrialTable, trial_outcome
+
+    assert trial_outcome({"glue/sst2/majority_share": 1.0, "glue/sst2/accuracy": 0.509}) == "collapsed"
+    assert trial_outcome({"glue/sst2/majority_share": 0.62, "diverged": 0.0}) == "trained"
+    assert trial_outcome({"diverged": 1.0, "glue/sst2/majority_share": 0.6}) == "diverged"
+    assert trial_outcome({"loss": 0.4, "diverged": 0.0}) is None
+    assert diverged(0.69, float("nan")) and diverged(0.69, 2.2) and not diverged(0.69, 2.0)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    experiment = tracking.experiment_id(client, "outcomes", uri)
+    parent = client.create_run(experiment).info.run_id
+    base = build_config({}).model_dump(mode="json")
+    callback = MlflowTrials(uri, experiment, parent, "study-1", "adamw", base)
+    table = TrialTable("adamw", "glue/sst2/accuracy", "max", [])
+    trial = SimpleNamespace(trial_id="t1", config={}, status="RUNNING", last_result={}, error_file=None)
+    tags = lambda: client.get_run(callback.run_id(trial)).data.tags.get("outcome")  # noqa: E731
+    for result, expected in (
+        ({"step": 5, "loss": 0.7, "diverged": 0.0}, None),
+        ({"step": 10, "diverged": 0.0, "glue/sst2/majority_share": 1.0}, "collapsed"),
+        ({"step": 15, "loss": 0.69, "diverged": 0.0}, "collapsed"),
+        ({"step": 20, "diverged": 0.0, "glue/sst2/majority_share": 0.7}, "trained"),
+        ({"step": 25, "diverged": 0.0, "glue/sst2/majority_share": 0.995}, "collapsed"),
+    ):
+        callback.on_trial_result(0, [], trial, result)
+        assert tags() == expected, result
+    trial.last_result = result
+    callback.on_trial_complete(0, [], trial)
+    table.on_trial_complete(0, [], trial)
+    table.on_experiment_end([])
+    assert tags() == "collapsed" and table._rows["t1"]["status"] == "collapsed"
+
+
 def test_local_stores_are_created_where_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A fresh checkout has no outputs/ folder: the SQLite files of MLflow and Optuna get theirs."""
     from fisher_scale.tracking import check_reachable, tracking_uri

@@ -39,7 +39,8 @@ def eval_metric_names(cfg: ExperimentConfig) -> set[str]:
         return {"gsm8k/accuracy", "gsm8k/loss"}
     task, split = _glue_eval_split(cfg)
     prefix = glue_metric_prefix(task, split)
-    return {f"{prefix}/{name}" for name in (*glue_metric_names(task), "loss")}
+    extra = () if glue_task(task).is_regression else ("majority_share",)
+    return {f"{prefix}/{name}" for name in (*glue_metric_names(task), "loss", *extra)}
 
 
 def evaluate_experiment(cfg: ExperimentConfig, model: nn.Module, tokenizer: Any) -> dict[str, float]:

@@ -45,6 +45,15 @@ def build_model(cfg: ExperimentConfig, num_labels: int | None, zero3: dict[str, 
     return model
 
 
+#: a training loss (mean over a report's steps) this many times the first report's has diverged
+DIVERGED_RATIO = 3.0
+
+
+def diverged(first_loss: float, loss: float) -> bool:
+    """Whether training has diverged: its loss is not finite, or ``DIVERGED_RATIO`` times the first one."""
+    return not math.isfinite(loss) or loss > DIVERGED_RATIO * first_loss
+
+
 #: receives the metrics of a report step, and a checkpoint directory on checkpoint steps
 Reporter = Callable[[dict[str, Any], Path | None], None]
 
@@ -187,6 +196,8 @@ class Run:
 
     def _metrics(self, step: int, window: list[dict[str, float]]) -> dict[str, Any]:
         metrics: dict[str, Any] = {key: statistics.fmean(m[key] for m in window) for key in window[0]}
+        self.history.setdefault("first_loss", metrics["loss"])  # the mean over the first report's steps
+        metrics["diverged"] = float(diverged(self.history["first_loss"], metrics["loss"]))
         metrics["loss"] = window[-1]["loss"]
         metrics["step"] = step + 1
         metrics["optimizer_state_bytes_per_rank"] = optimizer_state_bytes(self.optimizer)
@@ -269,6 +280,7 @@ def reported_metrics(cfg: ExperimentConfig) -> set[str]:
     from fisher_scale.train.evaluation import eval_metric_names
 
     names = {"loss", "lr", "step", "step_time_s", "tokens_per_s", "optimizer_state_bytes_per_rank", "skipped_steps"}
+    names.add("diverged")
     names |= {"time/train_s", "time/eval_s", "memory/peak_bytes", "model/parameters"} | eval_metric_names(cfg)
     if cfg.train.profile:
         names |= {f"time/{phase}_s" for phase in (*PHASES, "comm")}

@@ -30,9 +30,26 @@ def trial_config(base: dict[str, Any], config: dict[str, Any], trial_id: str) ->
     return with_values(ExperimentConfig.model_validate(base), trial_values(config), origin=f"trial {trial_id}")
 
 
+#: a classifier giving one class to at least this share of the evaluated examples has collapsed to chance level
+COLLAPSED_SHARE = 0.99
+
+
+def trial_outcome(result: dict[str, Any]) -> str | None:
+    """What a trial's report says of it: ``diverged`` (the worker's training-loss check), ``collapsed`` (one
+    predicted class for ≥ 99 % of the evaluated examples) or ``trained``; None from a report with neither a
+    divergence nor an evaluation (it changes nothing)."""
+    if result.get("diverged"):
+        return "diverged"
+    shares = [v for k, v in result.items() if k.endswith("/majority_share")]
+    if not shares:
+        return None
+    return "collapsed" if max(shares) >= COLLAPSED_SHARE else "trained"
+
+
 class MlflowTrials(Callback):
     """One MLflow child run per trial under the study's parent run, tagged with the Ray trial id, so a
-    trial resumed after an interruption logs into the run it started (no duplicates)."""
+    trial resumed after an interruption logs into the run it started (no duplicates), and with its
+    ``outcome`` (:func:`trial_outcome` of its latest report)."""
 
     def __init__(
         self, uri: str, experiment_id: str, parent_run_id: str, study: str, label: str, base: dict, kind: str = "trial"
@@ -41,9 +58,10 @@ class MlflowTrials(Callback):
         self.study, self.label, self.base, self.kind = study, label, base, kind
         self._client: Any = None
         self._runs: dict[str, str] = {}
+        self._outcomes: dict[str, str] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None, "_runs": {}}
+        return {**self.__dict__, "_client": None, "_runs": {}, "_outcomes": {}}
 
     @property
     def client(self) -> Any:
@@ -87,11 +105,19 @@ class MlflowTrials(Callback):
         run_id = self.run_id(trial)
         metrics = {k: v for k, v in result.items() if k not in _TUNE_KEYS}
         tracking.log_metrics(self.client, run_id, metrics, step=int(result.get("step", 0)))
+        self._tag_outcome(trial, run_id, trial_outcome(result))
         if result.get("checkpoint_path"):
             self.client.set_tag(run_id, "checkpoint", result["checkpoint_path"])
 
+    def _tag_outcome(self, trial: Any, run_id: str, outcome: str | None) -> None:
+        if outcome is not None and self._outcomes.get(trial.trial_id) != outcome:
+            self.client.set_tag(run_id, "outcome", outcome)
+            self._outcomes[trial.trial_id] = outcome
+
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.client.set_terminated(self.run_id(trial), status="FINISHED")
+        run_id = self.run_id(trial)
+        self._tag_outcome(trial, run_id, trial_outcome(trial.last_result or {}) or "trained")
+        self.client.set_terminated(run_id, status="FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self.run_id(trial)
@@ -153,7 +179,8 @@ class TrialTable(Callback):
         self._update(trial, **fields)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._update(trial, status="TERMINATED")
+        outcome = trial_outcome(trial.last_result or {})
+        self._update(trial, status="TERMINATED" if outcome in (None, "trained") else outcome)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._update(trial, status="ERROR")
