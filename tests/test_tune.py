@@ -169,6 +169,44 @@ def test_comparison_table_medians_over_studies_and_time_to_target() -> None:
     assert rows["adamw"]["best m"] == 0.8 and "median steps to target" not in rows["adamw"]
 
 
+def test_bootstrap_interval_is_the_exact_bootstrap_of_the_mean() -> None:
+    """For 4 values the bootstrap distribution can be enumerated exactly (4⁴ equally likely resamples): scipy's
+    seeded percentile interval lies within a sliver of its 2.5 and 97.5 percentiles."""
+    import itertools
+
+    import numpy as np
+
+    from fisher_scale.tune.compare import bootstrap_interval
+
+    values = [0.78, 0.81, 0.80, 0.84]
+    means = [float(np.mean(r)) for r in itertools.product(values, repeat=len(values))]
+    low, high = np.percentile(means, [2.5, 97.5])
+    interval = bootstrap_interval(values)
+    assert interval == pytest.approx((low, high), abs=0.0025)  # the resample means step by 0.0025
+    assert interval == bootstrap_interval(values)  # seeded
+    assert bootstrap_interval([0.8]) is None
+
+
+def test_paired_verdicts_need_an_interval_that_excludes_zero() -> None:
+    from fisher_scale.tune.compare import paired_verdict
+
+    assert paired_verdict([0.02, 0.03, 0.025], "max")[0] == "better"
+    assert paired_verdict([0.02, 0.03, 0.025], "min")[0] == "worse"
+    assert paired_verdict([-0.01, 0.02, 0.005], "max")[0] == "not distinguishable"
+    assert paired_verdict([0.02], "max") == ("too few studies", None)
+    # three studies (seeds): adafisher beats adamw by 1-3 points in each, adafish differs by -2 to +3
+    bests = {"adamw": (0.80, 0.78, 0.82), "adafisher": (0.81, 0.81, 0.84), "adafish": (0.83, 0.76, 0.82)}
+    records = [
+        record(f"{optimizer}{study}", study, optimizer, 1, {100: value}, {100: 10.0})
+        for optimizer, values in bests.items()
+        for study, value in zip("ABC", values, strict=True)
+    ]
+    rows = {row["optimizer"]: row for row in comparison_table(records, "m", "max")}
+    assert rows["adamw"]["verdict"] == "reference" and rows["adamw"]["mean best m"] == pytest.approx(0.80)
+    assert rows["adafisher"]["vs adamw"] == pytest.approx(0.02) and rows["adafisher"]["verdict"] == "better"
+    assert rows["adafish"]["vs adamw"] == pytest.approx(1 / 300) and rows["adafish"]["verdict"] == "not distinguishable"
+
+
 def test_least_time_to_target_is_taken_over_trials_not_from_the_fewest_steps() -> None:
     fast_steps = record("1", "A", "adamw", 1, {8: 0.5}, {8: 100.0})  # reaches at step 8 after 100 s
     fast_time = record("2", "A", "adamw", 2, {4: 0.9, 16: 0.5}, {4: 10.0, 16: 40.0})  # step 16 after 40 s

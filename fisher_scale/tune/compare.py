@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,22 +77,67 @@ def _better(mode: str) -> Any:
     return min if mode == "min" else max
 
 
+#: the two-sided confidence of the comparison's intervals, and the bootstrap resamples that estimate them
+CONFIDENCE, RESAMPLES = 0.95, 10_000
+
+
+def bootstrap_interval(values: Sequence[float]) -> tuple[float, float] | None:
+    """The percentile-bootstrap interval of the mean of ``values`` (scipy's, seeded, so a table is
+    reproducible); None for fewer than two values, whose spread says nothing."""
+    if len(values) < 2:
+        return None
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    result = bootstrap(
+        (np.asarray(values, dtype=float),),
+        np.mean,
+        confidence_level=CONFIDENCE,
+        n_resamples=RESAMPLES,
+        method="percentile",
+        rng=np.random.default_rng(0),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def _interval_text(interval: tuple[float, float] | None) -> str | None:
+    return None if interval is None else f"{interval[0]:.4g} to {interval[1]:.4g}"
+
+
+def paired_verdict(differences: Sequence[float], mode: str) -> tuple[str, tuple[float, float] | None]:
+    """Whether an optimizer beats the reference over the studies both ran (this minus the reference, per
+    study): ``better``/``worse`` when the bootstrap interval of the mean difference excludes 0, else ``not
+    distinguishable``; ``too few studies`` below two."""
+    interval = bootstrap_interval(differences)
+    if interval is None:
+        return "too few studies", None
+    low, high = interval
+    if low <= 0 <= high:
+        return "not distinguishable", interval
+    return ("better" if (low > 0) == (mode == "max") else "worse"), interval
+
+
 def comparison_table(
     records: list[TrialRecord], metric: str, mode: str, target: float | None = None
 ) -> list[dict[str, Any]]:
-    """Per optimizer: trials, best final metric, median over studies of each study's best, and the
-    median over studies of the fewest steps / least training time to reach ``target``."""
+    """Per optimizer: trials, best final metric, median over studies (seeds) of each study's best, its mean with
+    a 95 % bootstrap interval, the paired difference to AdamW's (or the first optimizer's) study bests with its
+    interval and verdict (:func:`paired_verdict`), and the median over studies of the fewest steps / least
+    training time to reach ``target``."""
     rows = []
+    bests: dict[str, dict[str, float]] = {}
     for optimizer in sorted({r.optimizer for r in records}):
         mine = [r for r in records if r.optimizer == optimizer]
         finals = [v for r in mine if (v := r.final(metric)) is not None and math.isfinite(v)]
         per_study = []
+        bests[optimizer] = {}
         steps_to_target, time_to_target = [], []
         for study in sorted({r.study for r in mine}):
             trials = [r for r in mine if r.study == study]
             values = [v for r in trials if (v := r.final(metric)) is not None and math.isfinite(v)]
             if values:
                 per_study.append(_better(mode)(values))
+                bests[optimizer][study] = per_study[-1]
             if target is None:
                 continue
             reached = [(step, r) for r in trials if (step := r.first_reaching(metric, target, mode)) is not None]
@@ -106,12 +152,23 @@ def comparison_table(
             "studies": len({r.study for r in mine}),
             f"best {metric}": _better(mode)(finals) if finals else None,
             f"median best {metric}": statistics.median(per_study) if per_study else None,
+            f"mean best {metric}": statistics.fmean(per_study) if per_study else None,
+            "95% interval": _interval_text(bootstrap_interval(per_study)),
         }
         if target is not None:
             row["median steps to target"] = statistics.median(steps_to_target) if steps_to_target else None
             row["median train s to target"] = statistics.median(time_to_target) if time_to_target else None
             row["studies reaching target"] = len(steps_to_target)
         rows.append(row)
+    reference = "adamw" if "adamw" in bests else min(bests, default=None)
+    for row in rows:
+        mine, theirs = bests[row["optimizer"]], bests[reference]
+        shared = sorted(set(mine) & set(theirs))
+        differences = [mine[study] - theirs[study] for study in shared]
+        verdict, interval = paired_verdict(differences, mode) if row["optimizer"] != reference else ("reference", None)
+        row[f"vs {reference}"] = statistics.fmean(differences) if differences and interval is not None else None
+        row[f"vs {reference} 95%"] = _interval_text(interval)
+        row["verdict"] = verdict
     return rows
 
 
