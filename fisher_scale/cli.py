@@ -108,14 +108,15 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
     if state is None:
         return 130
     table = Table(title=f"{state.study}: best trial per study ({cfg.tune.metric}, {cfg.tune.mode})")
-    for column in ("study", "trial", cfg.tune.metric, "values"):
+    for column in ("study", "trial", cfg.tune.metric, "values", "importance"):
         table.add_column(column)
     for label, best in state.best.items():
         values = ", ".join(
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.get("config", {}).items()
         )
+        importance = ", ".join(f"{k} {v:.2f}" for k, v in best.get("importances", {}).items()) or "-"
         metric = best.get("metric")
-        table.add_row(label, best.get("trial_id", "-"), "-" if metric is None else f"{metric:.4g}", values)
+        table.add_row(label, best.get("trial_id", "-"), "-" if metric is None else f"{metric:.4g}", values, importance)
     console.print(table)
     storage = cfg.tune.storage  # made absolute when the study started
     console.print(

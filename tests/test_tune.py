@@ -277,6 +277,32 @@ def test_collapsed_and_diverged_trials_are_reported_as_such(tmp_path: Path) -> N
     assert tags() == "collapsed" and table._rows["t1"]["status"] == "collapsed"
 
 
+def test_importances_come_from_the_study_optuna_stored(tmp_path: Path) -> None:
+    """Per study (label), Optuna's importances: the key the objective depends on ranks first; a study with too
+    few finished trials reports none."""
+    import optuna
+
+    from fisher_scale.tune.experiment import StudyState
+    from fisher_scale.tune.study import importances
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cfg = build_config({"tune": {"storage": storage}})
+    state = StudyState("study-1", {}, "", "", "")
+    floats = optuna.distributions.FloatDistribution
+    space = {"lr": floats(1e-4, 1e-2, log=True), "optimizer.damping": floats(0.0, 1.0)}
+    for label, count in (("adamw", 12), ("adafish", 2)):
+        study = optuna.create_study(
+            study_name=f"study-1/{label}", storage=storage, sampler=optuna.samplers.RandomSampler(0)
+        )
+        for _ in range(count):
+            trial = study.ask(space)
+            study.tell(trial, 1000 * trial.params["lr"] + 0.01 * trial.params["optimizer.damping"])
+    ranked = importances(cfg, state, "adamw")
+    assert set(ranked) == {"lr", "optimizer.damping"} and ranked["lr"] > 0.9
+    assert importances(cfg, state, "adafish") == {}
+
+
 def test_local_stores_are_created_where_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A fresh checkout has no outputs/ folder: the SQLite files of MLflow and Optuna get theirs."""
     from fisher_scale.tracking import check_reachable, tracking_uri

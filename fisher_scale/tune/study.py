@@ -141,9 +141,25 @@ def run_study(
             mode=cfg.tune.mode,
         )
         results = fit_tuner(tuner, state, label, cfg.tune.num_samples)
-        state.best[label] = _best(results, cfg, client, state, root)
+        state.best[label] = {**_best(results, cfg, client, state, root), "importances": importances(cfg, state, label)}
     _finish(client, state, cfg, root)
     return state
+
+
+#: finished trials below which hyperparameter importances say nothing
+MIN_TRIALS_FOR_IMPORTANCE = 3
+
+
+def importances(cfg: ExperimentConfig, state: StudyState, label: str) -> dict[str, float]:
+    """Optuna's hyperparameter importances (fANOVA) in one study, by dotted key; none with fewer than
+    ``MIN_TRIALS_FOR_IMPORTANCE`` finished trials or with nothing searched."""
+    import optuna
+
+    study = optuna.load_study(study_name=f"{state.study}/{label}", storage=optuna_storage(cfg.tune.storage))
+    finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(finished) < MIN_TRIALS_FOR_IMPORTANCE or not any(t.params for t in finished):
+        return {}
+    return {key: float(value) for key, value in optuna.importance.get_param_importances(study).items()}
 
 
 def _best(results: Any, cfg: ExperimentConfig, client: Any, state: StudyState, root: str) -> dict[str, Any]:
@@ -179,6 +195,11 @@ def _finish(client: Any, state: StudyState, cfg: ExperimentConfig, root: str) ->
     from fisher_scale.tune.compare import study_report
 
     best_metrics = {f"best/{label}/{cfg.tune.metric}": b.get("metric") for label, b in state.best.items()}
+    best_metrics |= {
+        f"importance/{label}/{key}": value
+        for label, b in state.best.items()
+        for key, value in b.get("importances", {}).items()
+    }
     tracking.log_metrics(client, state.parent_run_id, best_metrics, step=0)
     found = [(label, b) for label, b in state.best.items() if isinstance(b.get("metric"), float)]
     if found:
