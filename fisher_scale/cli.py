@@ -179,10 +179,10 @@ def _fmt(value: float | int | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _compare(args: argparse.Namespace, console: Console) -> int:
+def _comparison(args: argparse.Namespace) -> Any:
     from fisher_scale.tune.compare import compare_experiment
 
-    report = compare_experiment(
+    return compare_experiment(
         args.experiment,
         tracking_uri=args.tracking_uri,
         metric=args.metric,
@@ -191,13 +191,31 @@ def _compare(args: argparse.Namespace, console: Console) -> int:
         equal=not args.all_trials,
         out=args.out,
     )
+
+
+def _print_comparison(args: argparse.Namespace, report: Any, console: Console) -> None:
     table = Table(title=f"{args.experiment}: {report.metric} ({report.mode}), {report.trials} trials")
     for column in report.rows[0] if report.rows else ():
         table.add_column(column, justify="left" if column == "optimizer" else "right")
     for row in report.rows:
         table.add_row(*("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
     console.print(table)
+
+
+def _compare(args: argparse.Namespace, console: Console) -> int:
+    report = _comparison(args)
+    _print_comparison(args, report, console)
     console.print(f"plots: {args.out}  (also logged to MLflow run {report.run_id})")
+    return 0
+
+
+def _report(args: argparse.Namespace, console: Console) -> int:
+    from fisher_scale.tune.report import write_report
+
+    report = _comparison(args)
+    _print_comparison(args, report, console)
+    path = write_report(args.experiment, report, args.out)
+    console.print(f"report: {path}, with its plots  (also logged to MLflow run {report.run_id})")
     return 0
 
 
@@ -266,17 +284,23 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--resume", action="store_true", help="continue the newest unfinished study of this name")
     scale.set_defaults(run=_scale)
 
-    compare = commands.add_parser("compare", help="table and plots of optimizers from an MLflow experiment")
-    compare.add_argument("experiment", help="MLflow experiment name (the config's name)")
-    compare.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
-    compare.add_argument("--metric", help="default: the tune.metric of the newest study")
-    compare.add_argument("--mode", choices=["min", "max"], help="default: the tune.mode of the newest study")
-    compare.add_argument("--target", type=float, help="metric value for the steps/time-to-target columns")
-    compare.add_argument(
-        "--all-trials", action="store_true", help="use every trial (default: equal trial budget per optimizer)"
-    )
-    compare.add_argument("--out", type=Path, default=Path("outputs/compare"), help="folder for the PNG plots")
-    compare.set_defaults(run=_compare)
+    for name, run, purpose in (
+        ("compare", _compare, "table and plots of optimizers from an MLflow experiment"),
+        ("report", _report, "the comparison as a Markdown report (setup, table, verdicts, plots)"),
+    ):
+        command = commands.add_parser(name, help=purpose)
+        command.add_argument("experiment", help="MLflow experiment name (the config's name)")
+        command.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+        command.add_argument("--metric", help="default: the tune.metric of the newest study")
+        command.add_argument("--mode", choices=["min", "max"], help="default: the tune.mode of the newest study")
+        command.add_argument("--target", type=float, help="metric value for the steps/time-to-target columns")
+        command.add_argument(
+            "--all-trials", action="store_true", help="use every trial (default: equal trial budget per optimizer)"
+        )
+        command.add_argument(
+            "--out", type=Path, default=Path(f"outputs/{name}"), help="folder for the PNG plots (and report.md)"
+        )
+        command.set_defaults(run=run)
 
     evaluate = commands.add_parser("eval", help="evaluate a saved adapter on the config's dataset (GSM8K / GLUE)")
     evaluate.add_argument("config", type=Path, help="the experiment YAML the adapter was trained with")

@@ -453,6 +453,15 @@ def test_sweep_with_early_stopping_runs_to_the_end_tracked_on_a_server(
     assert (tmp_path / "compare" / "training_curves.png").is_file()
     logged = client.search_runs([experiment.experiment_id], filter_string="tags.`fisher_scale.kind` = 'compare'")
     assert len(logged) == 1 and "comparison.json" in {a.path for a in client.list_artifacts(logged[0].info.run_id)}
+    assert state.best["adamw"]["importances"] == {"lr": pytest.approx(1.0)}  # the only searched key
+
+    from fisher_scale.tune.report import write_report
+
+    text = write_report("tune-test", comparison, tmp_path / "compare").read_text()
+    assert "- `model.name`: tiny" in text and "- studies (seeds): 3; trials compared: 3" in text
+    assert f"| adamw | 3 | 1 | {row['best gsm8k/loss']:.4g} |" in text
+    assert "![training_curves](training_curves.png)" in text
+    assert "report.md" in {a.path for a in client.list_artifacts(comparison.run_id)}
 
 
 def mlflow_children(db: Path) -> list[Any]:

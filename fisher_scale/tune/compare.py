@@ -253,13 +253,27 @@ def study_report(client: Any, state: Any, cfg: Any, *, plots_dir: Path) -> list[
     return rows
 
 
+#: the study parameters a report states as its setup
+SETUP_KEYS = (
+    "model.name", "model.task", "data.dataset", "peft.rank", "peft.target_modules", "data.batch_size",
+    "data.max_length", "train.steps", "tune.num_samples", "tune.sampler", "tune.scheduler", "tune.metric",
+)  # fmt: skip
+
+
 @dataclass
 class Comparison:
+    """What ``compare`` found: the table's rows, the setup of the newest study, the seeds of all studies, and the
+    ``compare`` run that holds the plots."""
+
     metric: str
     mode: str
     trials: int
     rows: list[dict[str, Any]]
     run_id: str
+    tracking_uri: str = ""
+    setup: dict[str, str] = field(default_factory=dict)
+    seeds: list[str] = field(default_factory=list)
+    plots: list[Path] = field(default_factory=list)
 
 
 def compare_experiment(
@@ -299,8 +313,11 @@ def compare_experiment(
     tracking.log_params(
         client, run.info.run_id, {"metric": metric, "mode": mode, "target": target, "equal_budget": equal}
     )
-    for path in plot_comparison(records, metric, searched, out):
+    plots = plot_comparison(records, metric, searched, out)
+    for path in plots:
         client.log_artifact(run.info.run_id, str(path), "plots")
     client.log_dict(run.info.run_id, rows, "comparison.json")
     client.set_terminated(run.info.run_id)
-    return Comparison(metric, mode, len(records), rows, run.info.run_id)
+    setup = {key: newest.params[key] for key in SETUP_KEYS if key in newest.params}
+    seeds = sorted({run.data.params.get("seed", "?") for run in studies})
+    return Comparison(metric, mode, len(records), rows, run.info.run_id, uri, setup, seeds, plots)
