@@ -108,7 +108,8 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
     if state is None:
         return 130
     table = Table(title=f"{state.study}: best trial per study ({cfg.tune.metric}, {cfg.tune.mode})")
-    for column in ("study", "trial", cfg.tune.metric, "values", "importance"):
+    ranked = any(best.get("importances") for best in state.best.values())  # a column only where there are some
+    for column in ("study", "trial", cfg.tune.metric, "values", *(("importance",) if ranked else ())):
         table.add_column(column)
     for label, best in state.best.items():
         values = ", ".join(
@@ -116,7 +117,8 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
         )
         importance = ", ".join(f"{k} {v:.2f}" for k, v in best.get("importances", {}).items()) or "-"
         metric = best.get("metric")
-        table.add_row(label, best.get("trial_id", "-"), "-" if metric is None else f"{metric:.4g}", values, importance)
+        cells = [label, best.get("trial_id", "-"), "-" if metric is None else f"{metric:.4g}", values]
+        table.add_row(*cells, *((importance,) if ranked else ()))
     console.print(table)
     storage = cfg.tune.storage  # made absolute when the study started
     console.print(
