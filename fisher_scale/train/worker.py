@@ -279,9 +279,9 @@ def reported_metrics(cfg: ExperimentConfig) -> set[str]:
     """Every metric name a run of this config reports (sweeps check their target metric against it)."""
     from fisher_scale.train.evaluation import eval_metric_names
 
-    names = {"loss", "lr", "step", "step_time_s", "tokens_per_s", "optimizer_state_bytes_per_rank", "skipped_steps"}
-    names.add("diverged")
-    names |= {"time/train_s", "time/eval_s", "memory/peak_bytes", "model/parameters"} | eval_metric_names(cfg)
+    names = {"loss", "lr", "step", "step_time_s", "tokens_per_s", "optimizer_state_bytes_per_rank"}
+    names |= {"skipped_steps", "diverged", "time/train_s", "time/eval_s", "memory/peak_bytes", "model/parameters"}
+    names |= eval_metric_names(cfg)
     if cfg.train.profile:
         names |= {f"time/{phase}_s" for phase in (*PHASES, "comm")}
     if cfg.optimizer.name != "adamw":
