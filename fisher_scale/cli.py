@@ -198,7 +198,7 @@ def _comparison(args: argparse.Namespace) -> Any:
 def _print_comparison(args: argparse.Namespace, report: Any, console: Console) -> None:
     table = Table(title=f"{args.experiment}: {report.metric} ({report.mode}), {report.trials} trials")
     for column in report.rows[0] if report.rows else ():
-        table.add_column(column, justify="left" if column == "optimizer" else "right")
+        table.add_column(column, justify="left" if column == "arm" else "right")
     for row in report.rows:
         table.add_row(*("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
     console.print(table)
@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     scale.set_defaults(run=_scale)
 
     for name, run, purpose in (
-        ("compare", _compare, "table and plots of optimizers from an MLflow experiment"),
+        ("compare", _compare, "table and plots of a study's arms (optimizers, × tune.arms) from an MLflow experiment"),
         ("report", _report, "the comparison as a Markdown report (setup, table, verdicts, plots)"),
     ):
         command = commands.add_parser(name, help=purpose)
@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--mode", choices=["min", "max"], help="default: the tune.mode of the newest study")
         command.add_argument("--target", type=float, help="metric value for the steps/time-to-target columns")
         command.add_argument(
-            "--all-trials", action="store_true", help="use every trial (default: equal trial budget per optimizer)"
+            "--all-trials", action="store_true", help="use every trial (default: equal trial budget per arm)"
         )
         command.add_argument(
             "--out", type=Path, default=Path(f"outputs/{name}"), help="folder for the PNG plots (and report.md)"

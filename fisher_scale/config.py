@@ -53,6 +53,11 @@ class MaskConfig(Section):
     enabled: bool = False
     target: Literal["peft", "model"] = Field("peft", description="peft: adapter matrices; model: all parameters")
     ratio: float = Field(0.5, gt=0, le=1, description="kept fraction of the candidates")
+    budget_rank: int | None = Field(
+        None,
+        ge=1,
+        description="keep as many entries as plain LoRA at this rank (FISH-Tuning's equal budget; replaces ratio)",
+    )
     selection: Literal["fisher", "random", "reversed"] = Field(
         "fisher", description="which entries: highest Fisher scores, seeded random (seed), or lowest scores"
     )
@@ -197,7 +202,12 @@ class TuneConfig(Section):
         description="one Optuna study per listed optimizer with equal trial budgets; per-optimizer overrides of "
         "space (null drops a key); unset: optimizer.name is fixed or searched like any key",
     )
-    num_samples: int = Field(8, ge=1, description="trials per study (per optimizer when optimizers is set)")
+    arms: dict[str, dict[str, Any]] | None = Field(
+        None,
+        description="arm → fixed dotted config values; every optimizer's study runs once per arm, labelled "
+        "<optimizer>-<arm>, with the same trial budget (e.g. with and without a FISH mask)",
+    )
+    num_samples: int = Field(8, ge=1, description="trials per study (per optimizer and arm when those are set)")
     max_concurrent: int | None = Field(None, ge=1, description="trials at once; default: as many as the cluster fits")
     metric: str = Field("gsm8k/loss", description="reported metric to optimise (an eval or training metric)")
     mode: Literal["min", "max"] = "min"
@@ -252,6 +262,12 @@ class ExperimentConfig(Section):
             raise ValueError("optimizer.name=adafish needs peft.enabled=true (it preconditions LoRA's r×r sides)")
         if self.mask.enabled and self.mask.target == "peft" and not self.peft.enabled:
             raise ValueError("mask.target=peft needs peft.enabled=true")
+        budget = self.mask.budget_rank
+        if self.mask.enabled and budget is not None and (self.mask.target != "peft" or budget > self.peft.rank):
+            raise ValueError(
+                f"mask.budget_rank={budget} needs mask.target=peft and at most peft.rank={self.peft.rank} "
+                "(it keeps the entries of a LoRA of that rank out of the wider one)"
+            )
         if self.model.dtype == "bfloat16" and not self.distributed.use_gpu:
             raise ValueError("model.dtype=bfloat16 needs distributed.use_gpu=true (CPU training runs in float32)")
         bf16 = self.model.dtype == "bfloat16" or _deepspeed_enables(self.distributed.deepspeed, "bf16")

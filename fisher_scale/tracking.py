@@ -22,6 +22,8 @@ TRIAL_TAG = "ray_trial_id"
 STUDY_TAG = "fisher_scale.study"
 KIND_TAG = "fisher_scale.kind"
 PARENT_TAG = "mlflow.parentRunId"
+#: on a study's parent run: the arm every other is compared with (the first listed optimizer and arm)
+REFERENCE_TAG = "fisher_scale.reference"
 
 
 def sqlite_url(url: str) -> str:

@@ -97,7 +97,8 @@ def test_two_ranks_equal_one_rank_for_every_stage_optimizer_and_mask(tmp_path: P
             common = {
                 **settings,
                 "optimizer__name": optimizer,
-                "mask": {"enabled": mask, "ratio": 0.3, "samples": 8, "warmup_steps": 2},
+                # the budget of a rank-1 LoRA out of the rank-4 one: ratio 0.25, from full shapes under ZeRO-3 too
+                "mask": {"enabled": mask, "budget_rank": 1, "samples": 8, "warmup_steps": 2},
             }
             tag = f"{optimizer}-mask{int(mask)}"
             references.append((f"{tag}-ref", experiment(f"{tag}-ref", tmp_path, data__batch_size=4, **common), None))
@@ -116,6 +117,11 @@ def test_two_ranks_equal_one_rank_for_every_stage_optimizer_and_mask(tmp_path: P
         assert max(float(v.abs().max()) for k, v in adapter(tmp_path, name).items() if "lora_B" in k) > 0, name
     failures = {n: d for n, d in differences(tmp_path, [n for n, _, _ in distributed]).items() if d > TOLERANCE}
     assert not failures, failures
+    lora_entries = sum(v.numel() for k, v in adapter(tmp_path, "adamw-mask0-ref").items() if "lora_" in k)
+    for name, config, _ in references + distributed:
+        if config["mask"]["enabled"]:
+            kept = sum(int(m.sum()) for m in load_file(str(tmp_path / name / "mask.safetensors")).values())
+            assert kept == lora_entries // 4, name
     # The same comparison catches an off-by-one partition map (used by the Fisher optimizers and the masks) at
     # every sharded stage, and an off-by-one split of the global batch over the ranks (AdamW needs no map).
     mapped = [f"{tag}-zero{s}" for tag in ("adafisher-mask0", "adafish-mask0", "adamw-mask1") for s in (1, 2, 3)]

@@ -136,6 +136,51 @@ def test_searching_the_optimizer_and_listing_optimizers_conflict() -> None:
         study_spaces(build_config({"tune": {"space": space, "optimizers": {"adamw": {}}}}))
 
 
+def test_arms_run_every_optimizer_study_once_per_arm_with_their_values_fixed() -> None:
+    fish = {"peft.rank": 16, "mask.enabled": True, "mask.budget_rank": 8}
+    tune = {
+        "space": {"lr": {"loguniform": [1e-4, 1e-2]}},
+        "optimizers": {"adamw": {}, "adafisher": {"optimizer.damping": {"loguniform": [1e-4, 1e-1]}}},
+        "arms": {"lora": {}, "fish": fish},
+    }
+    studies = study_spaces(build_config({"tune": tune}))
+    assert list(studies) == ["adamw-lora", "adamw-fish", "adafisher-lora", "adafisher-fish"]
+    for label, (base, space) in studies.items():
+        optimizer, arm = label.split("-")
+        assert base.optimizer.name == optimizer
+        assert (base.peft.rank, base.mask.enabled, base.mask.budget_rank) == (
+            (16, True, 8) if arm == "fish" else (8, False, None)
+        )
+        assert set(space) == ({"lr", "optimizer.damping"} if optimizer == "adafisher" else {"lr"})
+    single = study_spaces(
+        build_config({"optimizer": {"name": "adamw"}, "tune": {"arms": {"random": {"mask.selection": "random"}}}})
+    )
+    assert list(single) == ["adamw-random"] and single["adamw-random"][0].mask.selection == "random"
+
+
+@pytest.mark.parametrize(
+    ("arms", "message"),
+    [
+        ({}, r"tune\.arms: empty"),
+        ({"with mask": {}}, r"tune\.arms\.with mask: name arms with letters"),
+        (
+            {"fish": {"mask.enabeld": True}},
+            r"tune\.arms\.fish: not config keys: mask\.enabeld; did you mean mask\.enabled",
+        ),
+        ({"fast": {"lr": 0.1}}, r"tune\.arms\.fast: lr also searched in study adamw"),
+        (
+            {"fish": {"mask.enabled": True, "mask.budget_rank": 16}},
+            r"mask\.budget_rank=16 needs .* at most peft\.rank=8",
+        ),
+        ({"other": {"optimizer.name": "adafish"}}, r"an arm cannot set optimizer\.name"),
+    ],
+)
+def test_bad_arms_name_the_arm_and_key(arms: dict, message: str) -> None:
+    tune = {"space": {"lr": {"loguniform": [1e-4, 1e-2]}}, "optimizers": {"adamw": {}}, "arms": arms}
+    with pytest.raises(ConfigError, match=message):
+        study_spaces(build_config({"tune": tune}))
+
+
 # --- the comparison ---
 
 
@@ -155,7 +200,7 @@ def test_comparison_table_medians_over_studies_and_time_to_target() -> None:
         record("4", "B", "adamw", 1, {2: 0.8, 4: 0.7}, {2: 1.0, 4: 2.0}),
         record("5", "B", "adafisher", 2, {2: 0.7, 4: 0.4}, {2: 1.2, 4: 2.5}),
     ]
-    rows = {row["optimizer"]: row for row in comparison_table(records, "m", "min", target=0.6)}
+    rows = {row["arm"]: row for row in comparison_table(records, "m", "min", target=0.6)}
     assert rows["adamw"]["trials"] == 3 and rows["adamw"]["studies"] == 2
     assert rows["adamw"]["best m"] == 0.5
     assert rows["adamw"]["median best m"] == pytest.approx((0.5 + 0.7) / 2)
@@ -165,7 +210,7 @@ def test_comparison_table_medians_over_studies_and_time_to_target() -> None:
     assert rows["adafisher"]["median train s to target"] == pytest.approx((1.5 + 2.5) / 2)
     kept = equal_budget(records)  # study A: adamw has 2 trials, adafisher 1 -> adamw keeps its first
     assert sorted(r.run_id for r in kept) == ["1", "3", "4", "5"]
-    rows = {row["optimizer"]: row for row in comparison_table(records, "m", "max")}
+    rows = {row["arm"]: row for row in comparison_table(records, "m", "max")}
     assert rows["adamw"]["best m"] == 0.8 and "median steps to target" not in rows["adamw"]
 
 
@@ -201,10 +246,13 @@ def test_paired_verdicts_need_an_interval_that_excludes_zero() -> None:
         for optimizer, values in bests.items()
         for study, value in zip("ABC", values, strict=True)
     ]
-    rows = {row["optimizer"]: row for row in comparison_table(records, "m", "max")}
+    rows = {row["arm"]: row for row in comparison_table(records, "m", "max")}
     assert rows["adamw"]["verdict"] == "reference" and rows["adamw"]["mean best m"] == pytest.approx(0.80)
     assert rows["adafisher"]["vs adamw"] == pytest.approx(0.02) and rows["adafisher"]["verdict"] == "better"
     assert rows["adafish"]["vs adamw"] == pytest.approx(1 / 300) and rows["adafish"]["verdict"] == "not distinguishable"
+    rows = {row["arm"]: row for row in comparison_table(records, "m", "max", reference="adafisher")}
+    assert rows["adafisher"]["verdict"] == "reference" and rows["adamw"]["verdict"] == "worse"
+    assert rows["adamw"]["vs adafisher"] == pytest.approx(-0.02)
 
 
 def test_least_time_to_target_is_taken_over_trials_not_from_the_fewest_steps() -> None:
@@ -397,13 +445,14 @@ def test_sweep_with_early_stopping_runs_to_the_end_tracked_on_a_server(
     ray_session: None, tmp_path: Path, mlflow_server: str
 ) -> None:
     """ASHA stops trials (their Train placement groups are freed, the next trials run), and MLflow on a
-    real server gets a parent run with one finished child per trial, params, step metrics and artifacts."""
+    real server gets a parent run with one finished child per trial, params, step metrics and artifacts. The study
+    runs as one arm (``tune.arms``): its label names the Tune experiment, the Optuna study and the compared row."""
     import optuna
     from mlflow import MlflowClient
 
     from fisher_scale.tune.study import run_study
 
-    tree = study_tree(tmp_path, scheduler="asha", grace_period=4, reduction_factor=2)
+    tree = study_tree(tmp_path, scheduler="asha", grace_period=4, reduction_factor=2, arms={"narrow": {"peft.rank": 2}})
     tree["tracking"]["uri"] = mlflow_server
     cfg = build_config(tree)
     state = run_study(cfg)
@@ -420,6 +469,7 @@ def test_sweep_with_early_stopping_runs_to_the_end_tracked_on_a_server(
     last_steps = []
     for child in children:
         assert child.data.params["optimizer.name"] == "adamw" and "lr" in child.data.params
+        assert child.data.params["peft.rank"] == "2" and child.data.tags["study_label"] == "adamw-narrow"
         assert child.data.params["distributed.num_workers"] == "1"
         losses = client.get_metric_history(child.info.run_id, "loss")
         evals = client.get_metric_history(child.info.run_id, "gsm8k/loss")
@@ -430,14 +480,14 @@ def test_sweep_with_early_stopping_runs_to_the_end_tracked_on_a_server(
     for child, last in zip(children, last_steps, strict=True):  # ASHA lets a trial at the last step finish
         output = tmp_path / "ray" / state.study / "outputs" / child.data.tags["ray_trial_id"]
         assert (output / "result.json").is_file() == (last == cfg.train.steps), (last, output)
-    best = state.best["adamw"]
+    best = state.best["adamw-narrow"]
     assert best["trial_id"] in {c.data.tags["ray_trial_id"] for c in children}
     assert {a.path for a in client.list_artifacts(best["run_id"], "adapter")} >= {"adapter/adapter_config.json"}
     parent_artifacts = {a.path for a in client.list_artifacts(state.parent_run_id)}
     assert {"best_adapter", "plots", "config.json", "comparison.json"} <= parent_artifacts
     plots = {a.path for a in client.list_artifacts(state.parent_run_id, "plots")}
     assert {"plots/training_curves.png", "plots/gsm8k_loss_vs_lr.png", "plots/gsm8k_loss_vs_time.png"} <= plots
-    study = optuna.load_study(study_name=f"{state.study}/adamw", storage=cfg.tune.storage)
+    study = optuna.load_study(study_name=f"{state.study}/adamw-narrow", storage=cfg.tune.storage)
     assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
 
     from fisher_scale.tune.compare import compare_experiment
@@ -445,7 +495,8 @@ def test_sweep_with_early_stopping_runs_to_the_end_tracked_on_a_server(
     comparison = compare_experiment("tune-test", tracking_uri=mlflow_server, target=100.0, out=tmp_path / "compare")
     assert (comparison.metric, comparison.mode, comparison.trials) == ("gsm8k/loss", "min", 3)
     (row,) = comparison.rows
-    assert row["optimizer"] == "adamw" and row["trials"] == 3 and row["studies"] == 1
+    assert parent.data.tags["fisher_scale.reference"] == "adamw-narrow"
+    assert row["arm"] == "adamw-narrow" and row["verdict"] == "reference" and row["trials"] == 3 and row["studies"] == 1
     histories = [client.get_metric_history(c.info.run_id, "gsm8k/loss") for c in children]
     finals = [max(history, key=lambda m: m.step).value for history in histories]
     assert row["best gsm8k/loss"] == pytest.approx(min(finals))
@@ -453,13 +504,13 @@ def test_sweep_with_early_stopping_runs_to_the_end_tracked_on_a_server(
     assert (tmp_path / "compare" / "training_curves.png").is_file()
     logged = client.search_runs([experiment.experiment_id], filter_string="tags.`fisher_scale.kind` = 'compare'")
     assert len(logged) == 1 and "comparison.json" in {a.path for a in client.list_artifacts(logged[0].info.run_id)}
-    assert state.best["adamw"]["importances"] == {"lr": pytest.approx(1.0)}  # the only searched key
+    assert state.best["adamw-narrow"]["importances"] == {"lr": pytest.approx(1.0)}  # the only searched key
 
     from fisher_scale.tune.report import write_report
 
     text = write_report("tune-test", comparison, tmp_path / "compare").read_text()
     assert "- `model.name`: tiny" in text and "- studies (seeds): 3; trials compared: 3" in text
-    assert f"| adamw | 3 | 1 | {row['best gsm8k/loss']:.4g} |" in text
+    assert f"| adamw-narrow | 3 | 1 | {row['best gsm8k/loss']:.4g} |" in text
     assert "![training_curves](training_curves.png)" in text
     assert "report.md" in {a.path for a in client.list_artifacts(comparison.run_id)}
 

@@ -6,6 +6,7 @@ False entries stay exactly at their value whatever the optimizer does.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from collections.abc import Mapping
@@ -78,13 +79,15 @@ def select_mask(
 
 def equal_budget_ratio(model: nn.Module, rank: int) -> float:
     """The ratio at which this PEFT-LoRA model (rank r') trains as many entries as vanilla LoRA at
-    ``rank`` r: ``P(r) / P(r')``, counted per adapted layer from its actual A and B matrices."""
+    ``rank`` r: ``P(r) / P(r')``, counted per adapted layer from its actual A and B matrices (their
+    full shapes, also when ZeRO-3 has partitioned them)."""
+    shapes = {name: full_shape(p) for name, p in model.named_parameters()}
     target, actual = 0.0, 0
-    for name, p in model.named_parameters():
+    for name, shape in shapes.items():
         if ".lora_A." in name or ".lora_embedding_A." in name:
-            layer_rank = p.shape[0] if ".lora_A." in name else p.shape[1 if p.ndim > 1 else 0]
+            layer_rank = shape[0] if ".lora_A." in name else shape[1 if len(shape) > 1 else 0]
             b_name = name.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
-            pair = p.numel() + dict(model.named_parameters())[b_name].numel()
+            pair = math.prod(shape) + math.prod(shapes[b_name])
             actual += pair
             target += pair * rank / layer_rank
     if actual == 0:

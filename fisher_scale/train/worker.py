@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from fisher_scale.config import ExperimentConfig
-from fisher_scale.masks import MaskSchedule, load_mask, save_mask
+from fisher_scale.masks import MaskSchedule, equal_budget_ratio, load_mask, save_mask
 from fisher_scale.optim import FisherOptimizer, build_optimizer, optimizer_state_bytes
 from fisher_scale.optim.distributor import all_reduce_numbers, from_engine
 from fisher_scale.train import checkpoint
@@ -112,12 +112,13 @@ class Run:
         if not mask.enabled:
             return None
         per_rank = max(1, mask.samples // self.world)
+        ratio = mask.ratio if mask.budget_rank is None else equal_budget_ratio(self.model, mask.budget_rank)
         return MaskSchedule(
             self.model,
             self.optimizer,
             lambda: (self._on_device(b) for b in self.data.scoring_batches(self.rank, self.world, per_rank)),
             target=mask.target,
-            ratio=mask.ratio,
+            ratio=ratio,
             selection=mask.selection,
             seed=self.cfg.seed,
             samples=per_rank,

@@ -1,7 +1,8 @@
-"""``fisher-scale compare``: optimizers side by side from MLflow — a table and plots.
+"""``fisher-scale compare``: the arms of a study (optimizers, or optimizers × ``tune.arms``) side by side
+from MLflow — a table and plots.
 
-Fair comparison after AlgoPerf: the same trial budget per optimizer (``equal_budget`` keeps each
-study's first N trials per optimizer, N = the smallest count), medians over repeated studies (seeds),
+Fair comparison after AlgoPerf: the same trial budget per arm (``equal_budget`` keeps each
+study's first N trials per arm, N = the smallest count), medians over repeated studies (seeds),
 and time to a target measured in training time only (``time/train_s`` excludes evaluation).
 """
 
@@ -19,11 +20,12 @@ from fisher_scale import tracking
 
 @dataclass
 class TrialRecord:
-    """One trial's run: its study, optimizer, searched values and metric histories (step → value)."""
+    """One trial's run: its study, arm (the Optuna study's label: an optimizer, or ``<optimizer>-<arm>``),
+    searched values and metric histories (step → value)."""
 
     run_id: str
     study: str
-    optimizer: str
+    arm: str
     start_time: int
     params: dict[str, str]
     history: dict[str, dict[int, float]] = field(default_factory=dict)
@@ -51,7 +53,7 @@ def load_trials(client: Any, experiment_id: str, metric: str, study: str | None 
         record = TrialRecord(
             run.info.run_id,
             run.data.tags.get(tracking.STUDY_TAG, ""),
-            run.data.tags.get("optimizer", "?"),
+            run.data.tags.get("study_label") or run.data.tags.get("optimizer", "?"),
             run.info.start_time,
             dict(run.data.params),
         )
@@ -62,14 +64,14 @@ def load_trials(client: Any, experiment_id: str, metric: str, study: str | None 
 
 
 def equal_budget(records: list[TrialRecord]) -> list[TrialRecord]:
-    """Per study, the first N trials of each optimizer, N = the smallest number any optimizer has."""
+    """Per study, the first N trials of each arm, N = the smallest number any arm has."""
     kept = []
     for study in {r.study for r in records}:
-        by_optimizer: dict[str, list[TrialRecord]] = {}
+        by_arm: dict[str, list[TrialRecord]] = {}
         for record in sorted((r for r in records if r.study == study), key=lambda r: r.start_time):
-            by_optimizer.setdefault(record.optimizer, []).append(record)
-        budget = min(len(v) for v in by_optimizer.values())
-        kept += [r for rows in by_optimizer.values() for r in rows[:budget]]
+            by_arm.setdefault(record.arm, []).append(record)
+        budget = min(len(v) for v in by_arm.values())
+        kept += [r for rows in by_arm.values() for r in rows[:budget]]
     return kept
 
 
@@ -105,7 +107,7 @@ def _interval_text(interval: tuple[float, float] | None) -> str | None:
 
 
 def paired_verdict(differences: Sequence[float], mode: str) -> tuple[str, tuple[float, float] | None]:
-    """Whether an optimizer beats the reference over the studies both ran (this minus the reference, per
+    """Whether an arm beats the reference over the studies both ran (this minus the reference, per
     study): ``better``/``worse`` when the bootstrap interval of the mean difference excludes 0, else ``not
     distinguishable``; ``too few studies`` below two."""
     interval = bootstrap_interval(differences)
@@ -118,26 +120,30 @@ def paired_verdict(differences: Sequence[float], mode: str) -> tuple[str, tuple[
 
 
 def comparison_table(
-    records: list[TrialRecord], metric: str, mode: str, target: float | None = None
+    records: list[TrialRecord],
+    metric: str,
+    mode: str,
+    target: float | None = None,
+    reference: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Per optimizer: trials, best final metric, median over studies (seeds) of each study's best, its mean with
-    a 95 % bootstrap interval, the paired difference to AdamW's (or the first optimizer's) study bests with its
-    interval and verdict (:func:`paired_verdict`), and the median over studies of the fewest steps / least
-    training time to reach ``target``."""
+    """Per arm: trials, best final metric, median over studies (seeds) of each study's best, its mean with a
+    95 % bootstrap interval, the paired difference to the ``reference`` arm's study bests (default: adamw, else
+    the first by name) with its interval and verdict (:func:`paired_verdict`), and the median over studies of
+    the fewest steps / least training time to reach ``target``."""
     rows = []
     bests: dict[str, dict[str, float]] = {}
-    for optimizer in sorted({r.optimizer for r in records}):
-        mine = [r for r in records if r.optimizer == optimizer]
+    for arm in sorted({r.arm for r in records}):
+        mine = [r for r in records if r.arm == arm]
         finals = [v for r in mine if (v := r.final(metric)) is not None and math.isfinite(v)]
         per_study = []
-        bests[optimizer] = {}
+        bests[arm] = {}
         steps_to_target, time_to_target = [], []
         for study in sorted({r.study for r in mine}):
             trials = [r for r in mine if r.study == study]
             values = [v for r in trials if (v := r.final(metric)) is not None and math.isfinite(v)]
             if values:
                 per_study.append(_better(mode)(values))
-                bests[optimizer][study] = per_study[-1]
+                bests[arm][study] = per_study[-1]
             if target is None:
                 continue
             reached = [(step, r) for r in trials if (step := r.first_reaching(metric, target, mode)) is not None]
@@ -147,7 +153,7 @@ def comparison_table(
                 if any(t is not None for t in times):
                     time_to_target.append(min(t for t in times if t is not None))
         row: dict[str, Any] = {
-            "optimizer": optimizer,
+            "arm": arm,
             "trials": len(mine),
             "studies": len({r.study for r in mine}),
             f"best {metric}": _better(mode)(finals) if finals else None,
@@ -160,12 +166,13 @@ def comparison_table(
             row["median train s to target"] = statistics.median(time_to_target) if time_to_target else None
             row["studies reaching target"] = len(steps_to_target)
         rows.append(row)
-    reference = "adamw" if "adamw" in bests else min(bests, default=None)
+    if reference not in bests:
+        reference = "adamw" if "adamw" in bests else min(bests, default=None)
     for row in rows:
-        mine, theirs = bests[row["optimizer"]], bests[reference]
+        mine, theirs = bests[row["arm"]], bests[reference]
         shared = sorted(set(mine) & set(theirs))
         differences = [mine[study] - theirs[study] for study in shared]
-        verdict, interval = paired_verdict(differences, mode) if row["optimizer"] != reference else ("reference", None)
+        verdict, interval = paired_verdict(differences, mode) if row["arm"] != reference else ("reference", None)
         row[f"vs {reference}"] = statistics.fmean(differences) if differences and interval is not None else None
         row[f"vs {reference} 95%"] = _interval_text(interval)
         row["verdict"] = verdict
@@ -173,7 +180,7 @@ def comparison_table(
 
 
 def plot_comparison(records: list[TrialRecord], metric: str, searched: list[str], out: Path) -> list[Path]:
-    """Training curves per optimizer, the metric against each searched hyperparameter, and the
+    """Training curves per arm, the metric against each searched hyperparameter, and the
     metric against training wall time; PNG files in ``out``."""
     import matplotlib
 
@@ -181,8 +188,7 @@ def plot_comparison(records: list[TrialRecord], metric: str, searched: list[str]
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    optimizers = sorted({r.optimizer for r in records})
-    colors = {name: f"C{i}" for i, name in enumerate(optimizers)}
+    colors = {name: f"C{i}" for i, name in enumerate(sorted({r.arm for r in records}))}
     paths = []
 
     def save(fig: Any, name: str) -> None:
@@ -196,7 +202,7 @@ def plot_comparison(records: list[TrialRecord], metric: str, searched: list[str]
         curve = record.history.get("loss", {})
         if curve:
             steps = sorted(curve)
-            ax.plot(steps, [curve[s] for s in steps], color=colors[record.optimizer], alpha=0.6)
+            ax.plot(steps, [curve[s] for s in steps], color=colors[record.arm], alpha=0.6)
     _legend(ax, colors, plt)
     ax.set(xlabel="step", ylabel="training loss", title="training curves")
     save(fig, "training_curves.png")
@@ -204,7 +210,7 @@ def plot_comparison(records: list[TrialRecord], metric: str, searched: list[str]
     for key in searched:
         fig, ax = plt.subplots(figsize=(6, 4))
         points = [
-            (float(r.params[key]), value, r.optimizer)
+            (float(r.params[key]), value, r.arm)
             for r in records
             if key in r.params and _is_number(r.params[key]) and (value := r.final(metric)) is not None
         ]
@@ -222,7 +228,7 @@ def plot_comparison(records: list[TrialRecord], metric: str, searched: list[str]
         values, times = record.history.get(metric, {}), record.history.get("time/train_s", {})
         steps = sorted(s for s in values if s in times)
         if steps:
-            ax.plot([times[s] for s in steps], [values[s] for s in steps], "o-", color=colors[record.optimizer])
+            ax.plot([times[s] for s in steps], [values[s] for s in steps], "o-", color=colors[record.arm])
     _legend(ax, colors, plt)
     ax.set(xlabel="training wall time, s (evaluation excluded)", ylabel=metric, title=f"{metric} against time")
     save(fig, f"{metric.replace('/', '_')}_vs_time.png")
@@ -245,7 +251,8 @@ def _is_number(text: str) -> bool:
 def study_report(client: Any, state: Any, cfg: Any, *, plots_dir: Path) -> list[dict[str, Any]]:
     """At the end of a study: its comparison table and plots, logged to the study's parent run."""
     records = load_trials(client, state.experiment_id, cfg.tune.metric, study=state.study)
-    rows = comparison_table(records, cfg.tune.metric, cfg.tune.mode)
+    reference = client.get_run(state.parent_run_id).data.tags.get(tracking.REFERENCE_TAG)
+    rows = comparison_table(records, cfg.tune.metric, cfg.tune.mode, reference=reference)
     searched = sorted(filter(None, client.get_run(state.parent_run_id).data.tags.get("searched", "").split(",")))
     for path in plot_comparison(records, cfg.tune.metric, searched, plots_dir):
         client.log_artifact(state.parent_run_id, str(path), "plots")
@@ -307,7 +314,7 @@ def compare_experiment(
     records = load_trials(client, found.experiment_id, metric)
     if equal:
         records = equal_budget(records)
-    rows = comparison_table(records, metric, mode, target)
+    rows = comparison_table(records, metric, mode, target, reference=newest.tags.get(tracking.REFERENCE_TAG))
     searched = sorted({key for run in studies for key in run.data.tags.get("searched", "").split(",") if key})
     run = client.create_run(found.experiment_id, run_name="compare", tags={tracking.KIND_TAG: "compare"})
     tracking.log_params(

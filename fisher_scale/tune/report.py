@@ -26,7 +26,7 @@ def markdown_report(experiment: str, comparison: Comparison) -> str:
     lines += [
         "",
         "The mean and its 95 % interval are over the studies' best trials (a percentile bootstrap); the verdict "
-        "compares each optimizer's study bests with the reference's, study by study: `not distinguishable` "
+        "compares each arm's study bests with the reference arm's, study by study: `not distinguishable` "
         "when the interval of the mean difference covers 0, `too few studies` below two.",
         "",
         "## Plots",

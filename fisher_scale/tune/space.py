@@ -4,6 +4,7 @@ turned into Optuna distributions; every mistake is a ``ConfigError`` before Ray 
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any
 
 from fisher_scale.config import ConfigError, Dimension, ExperimentConfig, flatten, with_values
@@ -19,19 +20,55 @@ def searchable_keys() -> list[str]:
 def study_spaces(cfg: ExperimentConfig) -> dict[str, tuple[ExperimentConfig, dict[str, Dimension]]]:
     """One (base config, space) per Optuna study: per listed optimizer (``tune.optimizers``, optimizer
     fixed, overrides applied, ``null`` drops a key), else one study labelled by the optimizer name
-    (or ``searched`` when ``optimizer.name`` is itself a dimension)."""
+    (or ``searched`` when ``optimizer.name`` is itself a dimension); with ``tune.arms`` each of those
+    once per arm, its values fixed, labelled ``<optimizer>-<arm>``."""
     tune = cfg.tune
     if tune.optimizers is None:
         label = "searched" if "optimizer.name" in tune.space else cfg.optimizer.name
-        return {label: (cfg, dict(tune.space))}
-    if "optimizer.name" in tune.space:
+        studies = {label: (cfg, dict(tune.space))}
+    elif "optimizer.name" in tune.space:
         raise ConfigError("tune.space.optimizer.name: drop it, tune.optimizers already fixes one optimizer per study")
-    studies = {}
-    for name, overrides in tune.optimizers.items():
-        space = {k: v for k, v in {**tune.space, **overrides}.items() if v is not None}
-        base = with_values(cfg, {"optimizer.name": name}, origin=f"tune.optimizers.{name}")
-        studies[name] = (base, space)
-    return studies
+    else:
+        studies = {}
+        for name, overrides in tune.optimizers.items():
+            space = {k: v for k, v in {**tune.space, **overrides}.items() if v is not None}
+            base = with_values(cfg, {"optimizer.name": name}, origin=f"tune.optimizers.{name}")
+            studies[name] = (base, space)
+    if tune.arms is None:
+        return studies
+    if tune.optimizers is not None and any("optimizer.name" in values for values in tune.arms.values()):
+        raise ConfigError("tune.arms: an arm cannot set optimizer.name when tune.optimizers fixes one per study")
+    return _with_arms(studies, tune.arms)
+
+
+def _with_arms(
+    studies: dict[str, tuple[ExperimentConfig, dict[str, Dimension]]], arms: dict[str, dict[str, Any]]
+) -> dict[str, tuple[ExperimentConfig, dict[str, Dimension]]]:
+    """Every study once per arm: the arm's values fixed in its base (checked like ``--set``), never searched."""
+    if not arms:
+        raise ConfigError("tune.arms: empty; list at least one arm (an arm with no values, {}, is the base config)")
+    known = set(searchable_keys())
+    for arm, values in arms.items():
+        if not re.fullmatch(r"[A-Za-z0-9_]+", arm):
+            raise ConfigError(
+                f"tune.arms.{arm}: name arms with letters, digits and underscores (it labels folders and metrics)"
+            )
+        unknown = [k for k in values if k not in known]
+        if unknown:
+            close = [m for k in unknown for m in difflib.get_close_matches(k, known, n=1)]
+            raise ConfigError(
+                f"tune.arms.{arm}: not config keys: {', '.join(unknown)}"
+                + (f"; did you mean {', '.join(close)}?" if close else "")
+            )
+    armed = {}
+    for label, (base, space) in studies.items():
+        for arm, values in arms.items():
+            both = sorted(set(values) & set(space))
+            if both:
+                searched = ", ".join(both)
+                raise ConfigError(f"tune.arms.{arm}: {searched} also searched in study {label}: fix it or search it")
+            armed[f"{label}-{arm}"] = (with_values(base, values, origin=f"tune.arms.{arm}"), space)
+    return armed
 
 
 def _probe_values(dimension: Dimension) -> list[Any]:

@@ -125,6 +125,7 @@ def run_study(
     resources = start_cluster(cfg, resource_configs(studies))
     concurrent = _max_concurrent(cfg, resources)
     client = tracking.client(state.tracking_uri)
+    client.set_tag(state.parent_run_id, tracking.REFERENCE_TAG, next(iter(studies)))
     for label, (base, space) in studies.items():
         search, scheduler = _search(label, base, space, state)
         tune_config = tune.TuneConfig(
