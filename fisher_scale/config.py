@@ -208,7 +208,9 @@ class TuneConfig(Section):
         "<optimizer>-<arm>, with the same trial budget (e.g. with and without a FISH mask)",
     )
     num_samples: int = Field(8, ge=1, description="trials per study (per optimizer and arm when those are set)")
-    max_concurrent: int | None = Field(None, ge=1, description="trials at once; default: as many as the cluster fits")
+    max_concurrent: int | None = Field(
+        None, ge=1, description="trials at once over all studies; default: as many as the cluster fits"
+    )
     metric: str = Field("gsm8k/loss", description="reported metric to optimise (an eval or training metric)")
     mode: Literal["min", "max"] = "min"
     sampler: Literal["tpe", "random", "qmc"] = Field(

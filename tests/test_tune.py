@@ -305,7 +305,7 @@ def test_collapsed_and_diverged_trials_are_reported_as_such(tmp_path: Path) -> N
     experiment = tracking.experiment_id(client, "outcomes", uri)
     parent = client.create_run(experiment).info.run_id
     base = build_config({}).model_dump(mode="json")
-    callback = MlflowTrials(uri, experiment, parent, "study-1", "adamw", base)
+    callback = MlflowTrials(uri, experiment, parent, "study-1", {"adamw": base})
     table = TrialTable("adamw", "glue/sst2/accuracy", "max", [])
     trial = SimpleNamespace(trial_id="t1", config={}, status="RUNNING", last_result={}, error_file=None)
     tags = lambda: client.get_run(callback.run_id(trial)).data.tags.get("outcome")  # noqa: E731

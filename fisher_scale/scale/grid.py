@@ -126,7 +126,7 @@ def run_scale(
     keys = sorted({k for point, _ in points for k in point.values})
     tuner = make_tuner(
         "grid",
-        cfg.model_copy(update={"train": cfg.train.model_copy(update={"profile": True})}),
+        {"grid": cfg.model_copy(update={"train": cfg.train.model_copy(update={"profile": True})})},
         state,
         root,
         tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=1),
@@ -135,7 +135,7 @@ def run_scale(
         metric="tokens_per_s",
         mode="max",
     )
-    results = fit_tuner(tuner, state, "grid", len(points))
+    results = fit_tuner(tuner, state, len(points))
     histories = {
         _point_key(result.config["point"]): (result.metrics.get("trial_id"), _rows(result)) for result in results
     }

@@ -7,6 +7,7 @@ keep only plain settings and rebuild their MLflow client / console on first use.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 from ray.tune import Callback
@@ -19,14 +20,27 @@ from fisher_scale.config import ExperimentConfig, with_values
 _TUNE_KEYS = {*AUTO_RESULT_KEYS, "trial_id", "done", "config", "checkpoint_dir_name", "should_checkpoint"}
 
 
+#: the trial config key naming the trial's study (its label) when one Tune experiment runs several
+STUDY_KEY = "study"
+
+
 def trial_values(config: dict[str, Any]) -> dict[str, Any]:
-    """A trial's dotted-key values: Optuna samples them as the trial config; a scaling grid passes each
-    point as one dict under ``point`` (Tune's grid search over whole points)."""
-    return config.get("point", config)
+    """A trial's dotted-key values: Optuna samples them as the trial config (beside its study's label); a
+    scaling grid passes each point as one dict under ``point`` (Tune's grid search over whole points)."""
+    return {k: v for k, v in config.get("point", config).items() if k != STUDY_KEY}
 
 
-def trial_config(base: dict[str, Any], config: dict[str, Any], trial_id: str) -> ExperimentConfig:
-    """The resolved config of one trial: the study's base config with its sampled point."""
+def study_label(config: dict[str, Any], labels: Iterable[str]) -> str:
+    """The label of the study a trial belongs to: named in its config, or the experiment's only study."""
+    if STUDY_KEY in config:
+        return config[STUDY_KEY]
+    (only,) = labels
+    return only
+
+
+def trial_config(bases: dict[str, dict[str, Any]], config: dict[str, Any], trial_id: str) -> ExperimentConfig:
+    """The resolved config of one trial: its study's base config with its sampled point."""
+    base = bases[study_label(config, bases)]
     return with_values(ExperimentConfig.model_validate(base), trial_values(config), origin=f"trial {trial_id}")
 
 
@@ -52,10 +66,10 @@ class MlflowTrials(Callback):
     ``outcome`` (:func:`trial_outcome` of its latest report)."""
 
     def __init__(
-        self, uri: str, experiment_id: str, parent_run_id: str, study: str, label: str, base: dict, kind: str = "trial"
+        self, uri: str, experiment_id: str, parent_run_id: str, study: str, bases: dict[str, dict], kind: str = "trial"
     ) -> None:
         self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
-        self.study, self.label, self.base, self.kind = study, label, base, kind
+        self.study, self.bases, self.kind = study, bases, kind
         self._client: Any = None
         self._runs: dict[str, str] = {}
         self._outcomes: dict[str, str] = {}
@@ -77,17 +91,18 @@ class MlflowTrials(Callback):
             self.client, self.experiment_id, **{tracking.TRIAL_TAG: trial.trial_id, tracking.STUDY_TAG: self.study}
         )
         if run_id is None:
-            cfg = trial_config(self.base, trial.config, trial.trial_id)
+            label = study_label(trial.config, self.bases)
+            cfg = trial_config(self.bases, trial.config, trial.trial_id)
             run = self.client.create_run(
                 self.experiment_id,
-                run_name=f"{self.label}-{trial.trial_id}",
+                run_name=f"{label}-{trial.trial_id}",
                 tags={
                     tracking.PARENT_TAG: self.parent_run_id,
                     tracking.TRIAL_TAG: trial.trial_id,
                     tracking.STUDY_TAG: self.study,
                     tracking.KIND_TAG: self.kind,
                     "optimizer": cfg.optimizer.name,
-                    "study_label": self.label,
+                    "study_label": label,
                 },
             )
             run_id = run.info.run_id
@@ -127,10 +142,11 @@ class MlflowTrials(Callback):
 
 
 class TrialTable(Callback):
-    """A live terminal table of the study's trials: status, step, the target metric, sampled values."""
+    """A live terminal table of the experiment's trials: their study (when it runs several), status, step,
+    the target metric, sampled values."""
 
-    def __init__(self, label: str, metric: str, mode: str, keys: list[str]) -> None:
-        self.label, self.metric, self.mode, self.keys = label, metric, mode, keys
+    def __init__(self, title: str, metric: str, mode: str, keys: list[str], studies: bool = False) -> None:
+        self.title, self.metric, self.mode, self.keys, self.studies = title, metric, mode, keys, studies
         self._rows: dict[str, dict[str, Any]] = {}
         self._live: Any = None
 
@@ -140,12 +156,16 @@ class TrialTable(Callback):
     def _render(self) -> Any:
         from rich.table import Table
 
-        table = Table(title=f"study {self.label}: {self.metric} ({self.mode})")
+        table = Table(title=f"{self.title}: {self.metric} ({self.mode})")
         short = [key.rsplit(".", 1)[-1] for key in self.keys]
-        for column in ("trial", "status", "step", self.metric.rsplit("/", 1)[-1], "best", *short):
-            table.add_column(column, justify="left" if column in ("trial", "status") else "right", no_wrap=True)
+        columns = ("study",) * self.studies + ("trial", "status", "step", self.metric.rsplit("/", 1)[-1], "best")
+        for column in (*columns, *short):
+            table.add_column(
+                column, justify="left" if column in ("study", "trial", "status") else "right", no_wrap=True
+            )
         for trial_id, row in self._rows.items():
             table.add_row(
+                *(row["study"],) * self.studies,
                 trial_id,
                 row["status"].lower(),
                 str(row.get("step", "")),
@@ -156,7 +176,9 @@ class TrialTable(Callback):
         return table
 
     def _update(self, trial: Any, **fields: Any) -> None:
-        row = self._rows.setdefault(trial.trial_id, {"config": dict(trial_values(trial.config))})
+        row = self._rows.setdefault(
+            trial.trial_id, {"config": trial_values(trial.config), "study": trial.config.get(STUDY_KEY, "")}
+        )
         row["status"] = fields.pop("status", trial.status)
         row.update(fields)
         if self._live is None:

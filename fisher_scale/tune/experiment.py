@@ -5,7 +5,7 @@ the MLflow and live-table callbacks, and detection of an interrupted run for ``-
 Layout of a study in Ray storage (``distributed.storage_path``, default ``~/ray_results``)::
 
     <name>-<YYYYmmdd-HHMMSS>/   study.json (resolved config, MLflow ids, finished flag)
-        <label>/                one Tune experiment per Optuna study / scaling grid
+        studies/ or grid/       the Tune experiment: every Optuna study's trials, or the scaling grid's
         train/<trial id>/       each trial's Ray Train run; a restarted trial resumes from its checkpoints
         outputs/<trial id>/     each trial's final adapter and result.json (local storage)
         plots/                  the study's plots (also in MLflow)
@@ -105,8 +105,8 @@ def find_resumable(root: str, name: str, kind: str) -> StudyState | None:
     return None
 
 
-def run_trial(values: dict[str, Any], base: dict[str, Any] | None = None, root: str = "") -> None:
-    """The Tune trainable: one training run of the study's base config with the sampled values.
+def run_trial(values: dict[str, Any], bases: dict[str, dict[str, Any]] | None = None, root: str = "") -> None:
+    """The Tune trainable: one training run of its study's base config with the sampled values.
     Its Ray Train run is named by the trial id, so a restarted trial resumes from its checkpoints."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -114,7 +114,7 @@ def run_trial(values: dict[str, Any], base: dict[str, Any] | None = None, root: 
     from fisher_scale.tune.callbacks import trial_config
 
     trial_id = tune.get_context().get_trial_id()
-    cfg = trial_config(base or {}, values, trial_id)
+    cfg = trial_config(bases or {}, values, trial_id)
     output = Path(tune.get_context().get_trial_dir()) / "output" if "://" in root else Path(root) / "outputs" / trial_id
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"output_dir": str(output)})})
     fit(trainer(cfg, run_name=trial_id, storage_path=f"{root}/train", callbacks=[TuneReportCallback()]), cfg)
@@ -184,8 +184,8 @@ def start_cluster(cfg: ExperimentConfig, trial_configs: list[ExperimentConfig]) 
 
 
 def make_tuner(
-    label: str,
-    base: ExperimentConfig,
+    name: str,
+    bases: dict[str, ExperimentConfig],
     state: StudyState,
     root: str,
     *,
@@ -195,17 +195,17 @@ def make_tuner(
     mode: str,
     param_space: dict[str, Any] | None = None,
 ) -> Any:
-    """A new Tune experiment running :func:`run_trial` with the MLflow and live-table callbacks, or the
-    interrupted one of this label restored from storage (callbacks and search state included)."""
+    """A new Tune experiment ``name`` running :func:`run_trial` on the base config of each trial's study
+    (``bases`` by label) with the MLflow and live-table callbacks, or the interrupted one restored from
+    storage (callbacks and search state included)."""
     from ray import tune
 
     from fisher_scale.tune.callbacks import MlflowTrials, TrialTable
 
     study_root = f"{root}/{state.study}"
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base.model_dump(mode="json"), root=study_root), TRIAL_RESOURCES
-    )
-    path = f"{study_root}/{label}"
+    bases_json = {label: base.model_dump(mode="json") for label, base in bases.items()}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, bases=bases_json, root=study_root), TRIAL_RESOURCES)
+    path = f"{study_root}/{name}"
     if tune.Tuner.can_restore(path):
         # trials interrupted while running continue; failed ones stay failed (a resume re-runs no failure)
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
@@ -215,42 +215,41 @@ def make_tuner(
             state.experiment_id,
             state.parent_run_id,
             state.study,
-            label,
-            base.model_dump(mode="json"),
+            bases_json,
             kind=RUN_KINDS[state.kind][1],
         ),
-        TrialTable(label, metric, mode, keys),
+        TrialTable(state.study, metric, mode, keys, studies=len(bases) > 1),
     ]
     return tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune_config,
-        run_config=tune.RunConfig(name=label, storage_path=study_root, callbacks=callbacks, verbose=0),
+        run_config=tune.RunConfig(name=name, storage_path=study_root, callbacks=callbacks, verbose=0),
     )
 
 
-def fit_tuner(tuner: Any, state: StudyState, label: str, expected: int) -> Any:
+def fit_tuner(tuner: Any, state: StudyState, expected: int) -> Any:
     """Run a Tuner to the end; an interrupted run (Ctrl+C) or one whose trials all failed is an error."""
     client = tracking.client(state.tracking_uri)
     results = tuner.fit()
-    if ended_trials(client, state, label) < expected:
+    if ended_trials(client, state) < expected:
         close_unfinished(client, state, "KILLED")
         raise StudyInterrupted(
-            f"{state.study} interrupted in {label}; continue it with: fisher-scale {state.kind} CONFIG --resume"
+            f"{state.study} interrupted; continue it with: fisher-scale {state.kind} CONFIG --resume"
         )
     if results.num_errors == expected:
         close_unfinished(client, state, "FAILED")
-        raise RuntimeError(f"every trial of {label} failed; the first error:\n{results.errors[0]}")
+        raise RuntimeError(f"every trial of {state.study} failed; the first error:\n{results.errors[0]}")
     return results
 
 
-def ended_trials(client: Any, state: StudyState, label: str) -> int:
+def ended_trials(client: Any, state: StudyState) -> int:
     """Trials that completed, were stopped early or failed. Tune marks the trials it stops on Ctrl+C as
     terminated too (its saved state still says running), so count the child runs closed by our callback."""
     runs = client.search_runs(
         [state.experiment_id],
-        filter_string=f"tags.`{tracking.STUDY_TAG}` = '{state.study}' and tags.study_label = '{label}' "
-        "and attributes.status != 'RUNNING'",
+        filter_string=f"tags.`{tracking.STUDY_TAG}` = '{state.study}' "
+        f"and tags.`{tracking.KIND_TAG}` = '{RUN_KINDS[state.kind][1]}' and attributes.status != 'RUNNING'",
         max_results=10000,
     )
     return len(runs)

@@ -1,11 +1,13 @@
-"""``fisher-scale tune``: a hyperparameter study as Ray Tune ``Tuner`` runs searched by Optuna, one
-Optuna study per optimizer with ``tune.optimizers`` (see ``experiment`` for the storage layout).
+"""``fisher-scale tune``: a hyperparameter study as one Ray Tune experiment searched by Optuna, one Optuna
+study per optimizer (``tune.optimizers``) and arm (``tune.arms``), their trials run side by side (see
+``concurrent``; ``experiment`` for the storage layout).
 
 MLflow: experiment ``name``; one parent run per study, one child run per trial (see callbacks).
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +17,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from fisher_scale import tracking
 from fisher_scale.config import ConfigError, ExperimentConfig
+from fisher_scale.tune.callbacks import study_label, trial_values
+from fisher_scale.tune.concurrent import StudiesScheduler, StudiesSearch
 from fisher_scale.tune.experiment import (
     StudyState,
     finish_study,
@@ -108,7 +112,8 @@ def _search(label: str, base: ExperimentConfig, space: dict, state: StudyState) 
 def run_study(
     cfg: ExperimentConfig, *, resume: bool = False, on_start: Callable[[StudyState, str], None] | None = None
 ) -> StudyState:
-    """Check everything, then run (or resume) every Optuna study of ``cfg``; returns the final state.
+    """Check everything, then run (or resume) every Optuna study of ``cfg`` in one Tune experiment, their
+    trials side by side (:mod:`fisher_scale.tune.concurrent`); returns the final state.
 
     ``on_start(state, root)`` is called once the study's folder and MLflow parent run exist."""
     from ray import tune
@@ -123,26 +128,35 @@ def run_study(
     tags = {"searched": ",".join(sorted(_searched(cfg)))}
     cfg, state, root = open_study(cfg, kind="tune", resume=resume, check=check, tags=tags, on_start=on_start)
     resources = start_cluster(cfg, resource_configs(studies))
-    concurrent = _max_concurrent(cfg, resources)
     client = tracking.client(state.tracking_uri)
     client.set_tag(state.parent_run_id, tracking.REFERENCE_TAG, next(iter(studies)))
-    for label, (base, space) in studies.items():
-        search, scheduler = _search(label, base, space, state)
-        tune_config = tune.TuneConfig(
-            search_alg=search, scheduler=scheduler, num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrent
-        )
-        tuner = make_tuner(
-            label,
-            base,
-            state,
-            root,
-            tune_config=tune_config,
-            keys=sorted(space),
-            metric=cfg.tune.metric,
-            mode=cfg.tune.mode,
-        )
-        results = fit_tuner(tuner, state, label, cfg.tune.num_samples)
-        state.best[label] = {**_best(results, cfg, client, state, root), "importances": importances(cfg, state, label)}
+    searches = {label: _search(label, base, space, state) for label, (base, space) in studies.items()}
+    budgets = dict.fromkeys(studies, cfg.tune.num_samples)
+    schedulers = {label: scheduler for label, (_, scheduler) in searches.items() if scheduler is not None}
+    tune_config = tune.TuneConfig(
+        search_alg=StudiesSearch(
+            {label: search for label, (search, _) in searches.items()}, budgets, cfg.tune.metric, cfg.tune.mode
+        ),
+        scheduler=StudiesScheduler(schedulers) if schedulers else None,
+        num_samples=sum(budgets.values()),
+        max_concurrent_trials=_max_concurrent(cfg, resources),
+    )
+    tuner = make_tuner(
+        "studies",
+        {label: base for label, (base, _) in studies.items()},
+        state,
+        root,
+        tune_config=tune_config,
+        keys=sorted(_searched(cfg)),
+        metric=cfg.tune.metric,
+        mode=cfg.tune.mode,
+    )
+    results = fit_tuner(tuner, state, sum(budgets.values()))
+    for label in studies:
+        state.best[label] = {
+            **_best(results, label, cfg, client, state, root),
+            "importances": importances(cfg, state, label),
+        }
     _finish(client, state, cfg, root)
     return state
 
@@ -163,12 +177,23 @@ def importances(cfg: ExperimentConfig, state: StudyState, label: str) -> dict[st
     return {key: float(value) for key, value in optuna.importance.get_param_importances(study).items()}
 
 
-def _best(results: Any, cfg: ExperimentConfig, client: Any, state: StudyState, root: str) -> dict[str, Any]:
-    """The study's best trial (last reported metric), with its adapter logged to its run."""
-    try:
-        best = results.get_best_result(cfg.tune.metric, cfg.tune.mode, scope="last", filter_nan_and_inf=True)
-    except RuntimeError:
+def _last_value(result: Any, metric: str) -> float | None:
+    """A trial's last reported finite value of ``metric`` (training reports carry eval metrics on eval steps only)."""
+    frame = result.metrics_dataframe
+    if frame is None or metric not in frame:
+        return None
+    values = frame[metric].dropna()
+    value = float(values.iloc[-1]) if len(values) else None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _best(results: Any, label: str, cfg: ExperimentConfig, client: Any, state: StudyState, root: str) -> dict[str, Any]:
+    """The best trial of study ``label`` (by its last reported metric), with its adapter logged to its run."""
+    mine = [result for result in results if study_label(result.config, [label]) == label]
+    scored = [(value, result) for result in mine if (value := _last_value(result, cfg.tune.metric)) is not None]
+    if not scored:
         return {"error": "no trial reported a finite metric"}
+    value, best = (min if cfg.tune.mode == "min" else max)(scored, key=lambda item: item[0])
     trial_id = best.metrics["trial_id"]
     run_id = tracking.find_run(
         client, state.experiment_id, **{tracking.TRIAL_TAG: trial_id, tracking.STUDY_TAG: state.study}
@@ -184,10 +209,10 @@ def _best(results: Any, cfg: ExperimentConfig, client: Any, state: StudyState, r
     return {
         "trial_id": trial_id,
         "run_id": run_id,
-        "metric": best.metrics.get(cfg.tune.metric),
-        "config": best.config,
+        "metric": value,
+        "config": trial_values(best.config),
         "checkpoint": checkpoint,
-        "errors": results.num_errors,
+        "errors": sum(result.error is not None for result in mine),
     }
 
 
