@@ -444,15 +444,16 @@ def mlflow_server(tmp_path: Path):
 def test_sweep_with_early_stopping_runs_to_the_end_tracked_on_a_server(
     ray_session: None, tmp_path: Path, mlflow_server: str
 ) -> None:
-    """ASHA stops trials (their Train placement groups are freed, the next trials run), and MLflow on a
-    real server gets a parent run with one finished child per trial, params, step metrics and artifacts. The study
-    runs as one arm (``tune.arms``): its label names the Tune experiment, the Optuna study and the compared row."""
+    """Two studies (arms of ``tune.arms``) run side by side in one Tune experiment, each with its own Optuna study,
+    budget and ASHA; ASHA stops trials (their Train placement groups are freed, the next trials run), and MLflow
+    on a real server gets a parent run with one finished child per trial, params, step metrics and artifacts."""
     import optuna
     from mlflow import MlflowClient
 
     from fisher_scale.tune.study import run_study
 
-    tree = study_tree(tmp_path, scheduler="asha", grace_period=4, reduction_factor=2, arms={"narrow": {"peft.rank": 2}})
+    arms = {"narrow": {"peft.rank": 2}, "wide": {"peft.rank": 4}}
+    tree = study_tree(tmp_path, scheduler="asha", grace_period=4, reduction_factor=2, arms=arms, max_concurrent=2)
     tree["tracking"]["uri"] = mlflow_server
     cfg = build_config(tree)
     state = run_study(cfg)
@@ -462,14 +463,22 @@ def test_sweep_with_early_stopping_runs_to_the_end_tracked_on_a_server(
     parent = client.get_run(state.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.params["tune.metric"] == "gsm8k/loss"
     children = client.search_runs([experiment.experiment_id], filter_string="tags.`fisher_scale.kind` = 'trial'")
-    assert len(children) == 3
+    assert len(children) == 6
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {state.parent_run_id}
-    assert len({c.data.tags["ray_trial_id"] for c in children}) == 3
+    assert len({c.data.tags["ray_trial_id"] for c in children}) == 6
     assert all(c.info.status == "FINISHED" for c in children)
+    by_arm = {
+        label: [c for c in children if c.data.tags["study_label"] == label] for label in ("adamw-narrow", "adamw-wide")
+    }
+    assert [len(runs) for runs in by_arm.values()] == [3, 3]
+    narrow, wide = by_arm.values()
+    assert any(
+        a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time for a in narrow for b in wide
+    )
     last_steps = []
     for child in children:
         assert child.data.params["optimizer.name"] == "adamw" and "lr" in child.data.params
-        assert child.data.params["peft.rank"] == "2" and child.data.tags["study_label"] == "adamw-narrow"
+        assert child.data.params["peft.rank"] == ("2" if child in narrow else "4")
         assert child.data.params["distributed.num_workers"] == "1"
         losses = client.get_metric_history(child.info.run_id, "loss")
         evals = client.get_metric_history(child.info.run_id, "gsm8k/loss")
@@ -480,36 +489,39 @@ def test_sweep_with_early_stopping_runs_to_the_end_tracked_on_a_server(
     for child, last in zip(children, last_steps, strict=True):  # ASHA lets a trial at the last step finish
         output = tmp_path / "ray" / state.study / "outputs" / child.data.tags["ray_trial_id"]
         assert (output / "result.json").is_file() == (last == cfg.train.steps), (last, output)
-    best = state.best["adamw-narrow"]
-    assert best["trial_id"] in {c.data.tags["ray_trial_id"] for c in children}
-    assert {a.path for a in client.list_artifacts(best["run_id"], "adapter")} >= {"adapter/adapter_config.json"}
+    for label, runs in by_arm.items():
+        best = state.best[label]
+        assert best["trial_id"] in {c.data.tags["ray_trial_id"] for c in runs}
+        assert {a.path for a in client.list_artifacts(best["run_id"], "adapter")} >= {"adapter/adapter_config.json"}
+        assert best["importances"] == {"lr": pytest.approx(1.0)}  # the only searched key
+        study = optuna.load_study(study_name=f"{state.study}/{label}", storage=cfg.tune.storage)
+        assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
     parent_artifacts = {a.path for a in client.list_artifacts(state.parent_run_id)}
     assert {"best_adapter", "plots", "config.json", "comparison.json"} <= parent_artifacts
     plots = {a.path for a in client.list_artifacts(state.parent_run_id, "plots")}
     assert {"plots/training_curves.png", "plots/gsm8k_loss_vs_lr.png", "plots/gsm8k_loss_vs_time.png"} <= plots
-    study = optuna.load_study(study_name=f"{state.study}/adamw-narrow", storage=cfg.tune.storage)
-    assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
 
     from fisher_scale.tune.compare import compare_experiment
 
     comparison = compare_experiment("tune-test", tracking_uri=mlflow_server, target=100.0, out=tmp_path / "compare")
-    assert (comparison.metric, comparison.mode, comparison.trials) == ("gsm8k/loss", "min", 3)
-    (row,) = comparison.rows
+    assert (comparison.metric, comparison.mode, comparison.trials) == ("gsm8k/loss", "min", 6)
+    rows = {row["arm"]: row for row in comparison.rows}
     assert parent.data.tags["fisher_scale.reference"] == "adamw-narrow"
-    assert row["arm"] == "adamw-narrow" and row["verdict"] == "reference" and row["trials"] == 3 and row["studies"] == 1
-    histories = [client.get_metric_history(c.info.run_id, "gsm8k/loss") for c in children]
+    assert rows["adamw-narrow"]["verdict"] == "reference" and rows["adamw-wide"]["verdict"] == "too few studies"
+    row = rows["adamw-narrow"]
+    assert row["trials"] == 3 and row["studies"] == 1
+    histories = [client.get_metric_history(c.info.run_id, "gsm8k/loss") for c in narrow]
     finals = [max(history, key=lambda m: m.step).value for history in histories]
-    assert row["best gsm8k/loss"] == pytest.approx(min(finals))
+    assert row["best gsm8k/loss"] == pytest.approx(min(finals)) == state.best["adamw-narrow"]["metric"]
     assert row["median steps to target"] == 4  # every trial's first evaluation (step 4) is below 100
     assert (tmp_path / "compare" / "training_curves.png").is_file()
     logged = client.search_runs([experiment.experiment_id], filter_string="tags.`fisher_scale.kind` = 'compare'")
     assert len(logged) == 1 and "comparison.json" in {a.path for a in client.list_artifacts(logged[0].info.run_id)}
-    assert state.best["adamw-narrow"]["importances"] == {"lr": pytest.approx(1.0)}  # the only searched key
 
     from fisher_scale.tune.report import write_report
 
     text = write_report("tune-test", comparison, tmp_path / "compare").read_text()
-    assert "- `model.name`: tiny" in text and "- studies (seeds): 3; trials compared: 3" in text
+    assert "- `model.name`: tiny" in text and "- studies (seeds): 3; trials compared: 6" in text
     assert f"| adamw-narrow | 3 | 1 | {row['best gsm8k/loss']:.4g} |" in text
     assert "![training_curves](training_curves.png)" in text
     assert "report.md" in {a.path for a in client.list_artifacts(comparison.run_id)}
@@ -528,12 +540,13 @@ def mlflow_children(db: Path) -> list[Any]:
 @needs_data
 def test_interrupted_study_resumes_without_lost_or_duplicated_trials(tmp_path: Path) -> None:
     """Ctrl+C after the first trial finished, then ``--resume``: every trial ends once, one MLflow run
-    each, in the same parent run and Optuna study."""
+    each, in the same parent run and Optuna studies (two studies of one trial: the restored search keeps
+    each study's budget)."""
     import optuna
     from mlflow import MlflowClient
 
     config = tmp_path / "study.yaml"
-    config.write_text(yaml.safe_dump(study_tree(tmp_path, num_samples=2)))
+    config.write_text(yaml.safe_dump(study_tree(tmp_path, num_samples=1, optimizers={"adamw": {}, "adafisher": {}})))
     command = [str(Path(sys.executable).parent / "fisher-scale"), "tune", str(config)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = (tmp_path / "first.log").open("w")
@@ -559,7 +572,10 @@ def test_interrupted_study_resumes_without_lost_or_duplicated_trials(tmp_path: P
     parents = client.search_runs([experiment.experiment_id], filter_string="tags.`fisher_scale.kind` = 'study'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert {run.data.tags["mlflow.parentRunId"] for run in children} == {parents[0].info.run_id}
-    study = optuna.load_study(
-        study_name=f"{parents[0].data.tags['fisher_scale.study']}/adamw", storage=f"sqlite:///{tmp_path / 'optuna.db'}"
-    )
-    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 2
+    assert {run.data.tags["study_label"] for run in children} == {"adamw", "adafisher"}
+    for label in ("adamw", "adafisher"):  # the restored search kept each study's budget: one trial each
+        study = optuna.load_study(
+            study_name=f"{parents[0].data.tags['fisher_scale.study']}/{label}",
+            storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+        )
+        assert [t.state.name for t in study.trials] == ["COMPLETE"], label
