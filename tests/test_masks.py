@@ -19,6 +19,7 @@ from fisher_scale.masks import (
 )
 from fisher_scale.models import Lora, apply_lora, tiny_causal_lm
 from fisher_scale.optim import build_optimizer
+from fisher_scale.optim.pieces import elementwise
 
 from .conftest import lm_batch, tiny_classifier, tiny_lora_qwen2
 
@@ -179,7 +180,7 @@ def test_masked_entries_stay_bit_identical_under_every_optimizer(name: str) -> N
     generator = torch.Generator().manual_seed(3)
     mask = select_mask({n: torch.rand(p.shape, generator=generator) for n, p in candidates.items()}, 0.3)
     before = {n: p.detach().clone() for n, p in candidates.items()}
-    apply_mask(model, optimizer, mask)
+    updates = apply_mask(model, optimizer, mask)
     for step in range(12):
         optimizer.zero_grad()
         model(**lm_batch(step)).loss.backward()
@@ -187,9 +188,58 @@ def test_masked_entries_stay_bit_identical_under_every_optimizer(name: str) -> N
     for n, p in candidates.items():
         assert torch.equal(p.detach()[~mask[n]], before[n][~mask[n]]), n
         assert not torch.equal(p.detach()[mask[n]], before[n][mask[n]]), n
-        for key, value in optimizer.state[p].items():
-            if isinstance(value, torch.Tensor) and value.shape == p.shape:
-                assert not value[~mask[n]].any(), (n, key)
+    with updates.full_state():
+        full = [(n, k, v) for n, p in candidates.items() for k, v in optimizer.state[p].items() if elementwise(v, p)]
+        assert full and all(not value[~mask[n]].any() for n, _, value in full)
+
+
+@pytest.mark.parametrize("name", MASK_OPTIMIZERS)
+def test_masked_entries_hold_no_state_between_steps_and_train_as_with_full_zeroed_state(name: str) -> None:
+    """Outside ``step()`` each per-element state tensor of a masked parameter holds its kept entries only, and
+    training is the same as the plain rule run at full size: the gradient masked, then after every step the
+    masked values put back and their state zeroed (an independent loop with the same optimizer)."""
+    from fisher_scale.optim import optimizer_state_bytes
+
+    def trained(packed: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = tiny_lora_qwen2()
+        optimizer = build_optimizer(name, model, lr=1e-2, weight_decay=0.1)
+        params = dict(model.named_parameters())
+        if packed:
+            apply_mask(model, optimizer, mask)
+        start = {n: params[n].detach().clone() for n in mask}
+        for step in range(8):
+            optimizer.zero_grad()
+            model(**lm_batch(step)).loss.backward()
+            if not packed:
+                for n, m in mask.items():
+                    params[n].grad.mul_(m)
+            optimizer.step()
+            if not packed:
+                with torch.no_grad():
+                    for n, m in mask.items():
+                        params[n].copy_(torch.where(m, params[n], start[n]))
+                        for value in optimizer.state[params[n]].values():
+                            if elementwise(value, params[n]):
+                                value.masked_fill_(~m, 0)
+        return model, optimizer
+
+    candidates, _ = candidate_parameters(tiny_lora_qwen2(), "peft")
+    generator = torch.Generator().manual_seed(5)
+    mask = select_mask({n: torch.rand(p.shape, generator=generator) for n, p in candidates.items()}, 0.25)
+    (packed_model, packed_optimizer), (full_model, full_optimizer) = trained(True), trained(False)
+    for (n, a), b in zip(packed_model.named_parameters(), full_model.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), n
+    params = dict(packed_model.named_parameters())
+    per_element = 0
+    for n, m in mask.items():
+        moments = [
+            v for v in packed_optimizer.state[params[n]].values() if isinstance(v, torch.Tensor) and v.numel() > 1
+        ]
+        assert moments and all(v.shape == (int(m.sum()),) for v in moments), n
+        per_element += len(moments)
+    saved = optimizer_state_bytes(full_optimizer) - optimizer_state_bytes(packed_optimizer)
+    masked = sum(int((~m).sum()) for m in mask.values())
+    assert saved == masked * 4 * per_element // len(mask)  # fp32, the same moments in every masked tensor
 
 
 def _standard_lora() -> nn.Module:
@@ -224,18 +274,25 @@ def test_refresh_recomputes_and_zeroes_state_of_newly_masked_entries() -> None:
     model = tiny_lora_qwen2()
     optimizer = build_optimizer("adafisherw", model, lr=1e-2, weight_decay=0.1)
     schedule = MaskSchedule(model, optimizer, lambda: [lm_batch(10 + step)], ratio=0.3, samples=4, refresh_every=3)
-    masks = []
+    masks, params, kept_across = [], dict(model.named_parameters()), 0
     for step in range(7):
+        with schedule.full_state():
+            before = {n: s["exp_avg"].clone() for n, p in params.items() if (s := optimizer.state.get(p))}
         if schedule.before_step(step) is not None:
             masks.append({n: m.clone() for n, m in schedule.mask.items()})
-            for n, p in model.named_parameters():
-                if n in schedule.mask and p in optimizer.state:
-                    assert not optimizer.state[p]["exp_avg"][~schedule.mask[n]].any()
+            with schedule.full_state():  # newly masked entries lose their state, entries kept in both keep theirs
+                for n, m in schedule.mask.items():
+                    if n in before:
+                        state = optimizer.state[params[n]]["exp_avg"]
+                        assert not state[~m].any()
+                        both = m & masks[-2][n]
+                        assert torch.equal(state[both], before[n][both]), n
+                        kept_across += int(both.sum())
         optimizer.zero_grad()
         model(**lm_batch(step)).loss.backward()
         optimizer.step()
     assert len(masks) == 3  # steps 0, 3, 6
-    assert any(not torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
+    assert any(not torch.equal(masks[0][n], masks[1][n]) for n in masks[0]) and kept_across > 0
 
 
 def test_equal_budget_ratio_matches_vanilla_lora_parameter_count() -> None:

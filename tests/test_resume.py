@@ -16,9 +16,10 @@ from .test_distributed import DATA, GENERIC_KERNELS, TOLERANCE, adapter, experim
 pytestmark = pytest.mark.skipif(not (DATA / "glue").is_dir(), reason=f"needs the offline GLUE copy in {DATA}")
 
 
-@pytest.mark.parametrize("optimizer,lr,stage", [("adafisher", 1e-3, 2), ("adamw", 1e-2, 3)])
+# the masked case checkpoints at step 4 the state MaskedUpdates holds packed since the mask at step 2
+@pytest.mark.parametrize("optimizer,lr,stage,mask", [("adafisher", 1e-3, 2, False), ("adamw", 1e-2, 3, True)])
 def test_resume_equals_uninterrupted_also_from_two_workers_to_one(
-    tmp_path: Path, optimizer: str, lr: float, stage: int
+    tmp_path: Path, optimizer: str, lr: float, stage: int, mask: bool
 ) -> None:
     common = {
         "lr": lr,
@@ -26,6 +27,7 @@ def test_resume_equals_uninterrupted_also_from_two_workers_to_one(
         "train__steps": 8,
         "train__checkpoint_every": 4,
         "distributed__zero_stage": stage,
+        "mask": {"enabled": mask, "budget_rank": 2, "samples": 8, "warmup_steps": 2},
     }
     whole_job = ("whole", experiment("whole", tmp_path, data__batch_size=2, **common), None)
     run_jobs(2, [whole_job], tmp_path)

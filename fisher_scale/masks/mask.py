@@ -6,10 +6,11 @@ False entries stay exactly at their value whatever the optimizer does.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -127,8 +128,15 @@ def mask_report(mask: Mapping[str, Tensor]) -> dict[str, float]:
 class MaskedUpdates:
     """Applies a mask to a model and its optimizer: masked entries get no gradient (a tensor hook
     zeroes it before accumulation, so gradient clipping and data-parallel reduction see zeros), and
-    around every ``optimizer.step()`` their values and optimizer state are restored, so weight decay
-    and optimizers that mix entries (AdaFish) cannot move them. New state starts at zero there.
+    around every ``optimizer.step()`` their values are restored, so weight decay and optimizers that
+    mix entries (AdaFish) cannot move them.
+
+    Masked entries hold no optimizer state outside ``step()``: after each step every per-element state
+    tensor of a masked tensor (moments) is packed to its kept entries, and just before the next it is
+    unpacked with zeros at the masked ones, which is where an update starts them. So the state resident
+    during forward and backward, where a step's memory peaks, is the kept entries' only; a FISH rank-16
+    adapter masked to the rank-8 count holds rank 8's moments. :meth:`full_state` unpacks around code that
+    reads the state as the optimizer's own (checkpoints).
 
     ``pieces`` maps the optimizer's tensors to parameter ranges (``fisher_scale.optim.pieces``); by
     default the optimizer holds the parameters themselves. Under ZeRO each rank passes its partition
@@ -146,14 +154,18 @@ class MaskedUpdates:
         self._params = dict(model.named_parameters())
         self._pieces = whole_parameters(model) if pieces is None else pieces
         self._owned: dict[Tensor, Tensor] = {}  # optimizer tensor → its bool mask (same shape)
+        self._packed: dict[Tensor, set[str]] = {}  # optimizer tensor → its state keys held packed
         self._grad_hooks: list = []
-        self._saved: dict[Tensor, tuple[Tensor, dict[str, Tensor]]] = {}
+        self._saved: dict[Tensor, Tensor] = {}
         self.update(mask)
         self._hooks = [optimizer.register_step_pre_hook(self._before), optimizer.register_step_post_hook(self._after)]
 
     def update(self, mask: Mapping[str, Tensor]) -> None:
-        """Switch to a new mask (a refresh); newly masked entries keep their current value, zero state."""
+        """Switch to a new mask (a refresh); newly masked entries keep their current value and lose their state,
+        newly kept ones start from zero state."""
         check_mask_matches(mask, self._params)
+        self._unpack()
+        self._packed = {}
         for hook in self._grad_hooks:
             hook.remove()
         self._grad_hooks = []
@@ -169,32 +181,51 @@ class MaskedUpdates:
                     piece.of(owned).copy_(mask[piece.name].reshape(-1)[piece.start : piece.end])
             if not owned.all():
                 self._owned[tensor] = owned.view(tensor.shape)
+        self._pack()
+
+    def _pack(self) -> None:
+        """Per-element state of masked tensors down to the kept entries (a state value already packed, put
+        back by a skipped step's restore, stays as it is)."""
+        packed = {}
         for tensor, owned in self._owned.items():
-            for value in self.optimizer.state.get(tensor, {}).values():
+            state, keys = self.optimizer.state.get(tensor, {}), set()
+            for key, value in state.items():
                 if elementwise(value, tensor):
-                    value.masked_fill_(~owned, 0)
+                    state[key] = value[owned]
+                    keys.add(key)
+                elif key in self._packed.get(tensor, ()):
+                    keys.add(key)
+            if keys:
+                packed[tensor] = keys
+        self._packed = packed
+
+    def _unpack(self) -> None:
+        for tensor, keys in self._packed.items():
+            state = self.optimizer.state[tensor]
+            for key in keys:
+                full = state[key].new_zeros(tensor.shape)
+                full[self._owned[tensor]] = state[key]
+                state[key] = full
+
+    @contextlib.contextmanager
+    def full_state(self) -> Iterator[None]:
+        """The optimizer state at full size (zeros at masked entries) inside the block."""
+        self._unpack()
+        try:
+            yield
+        finally:
+            self._pack()
 
     def _before(self, *_: object) -> None:
-        self._saved = {
-            t: (
-                t.detach().clone(),
-                {k: v.clone() for k, v in self.optimizer.state.get(t, {}).items() if elementwise(v, t)},
-            )
-            for t in self._owned
-        }
+        self._saved = {t: t.detach().clone() for t in self._owned}
+        self._unpack()
 
     @torch.no_grad()
     def _after(self, *_: object) -> None:
         for tensor, owned in self._owned.items():
-            value, state_before = self._saved[tensor]
-            tensor.copy_(torch.where(owned, tensor, value))
-            for key, current in self.optimizer.state.get(tensor, {}).items():
-                if elementwise(current, tensor):
-                    before = state_before.get(key)
-                    current.copy_(
-                        torch.where(owned, current, before if before is not None else torch.zeros_like(current))
-                    )
+            tensor.copy_(torch.where(owned, tensor, self._saved[tensor]))
         self._saved = {}
+        self._pack()
 
     def remove(self) -> None:
         for hook in [*self._grad_hooks, *self._hooks]:

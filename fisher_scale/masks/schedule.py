@@ -84,6 +84,10 @@ class MaskSchedule:
             head=self.head,
         )
 
+    def full_state(self) -> AbstractContextManager:
+        """The optimizer state at full size inside the block (see :class:`MaskedUpdates`)."""
+        return contextlib.nullcontext() if self.updates is None else self.updates.full_state()
+
     def restore(self, mask: Mask) -> None:
         """Apply ``mask`` (a new selection, or one read back from a checkpoint)."""
         self.mask = mask

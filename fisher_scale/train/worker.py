@@ -252,7 +252,8 @@ class Run:
     def _save(self, directory: Path, next_step: int, metrics: dict[str, Any]) -> None:
         history = {**self.history, "skipped_steps": self.history["skipped_steps"] + self.guard.skipped}
         self._save_weights(directory)
-        checkpoint.save_optimizer(directory, self.rank, self.optimizer, self.pieces)
+        with self.mask.full_state() if self.mask is not None else contextlib.nullcontext():
+            checkpoint.save_optimizer(directory, self.rank, self.optimizer, self.pieces)
         if self.rank == 0:
             checkpoint.write_state(
                 directory,
