@@ -15,7 +15,8 @@ ranks (statistics, AdaFish's small matrices, scores, evaluation) need ``--worker
 configuration at the same global batch over that many GPUs (or CPU processes).
 
 Goals (issue 11; benchmarks, not tests): on the GPU, AdaFisher's step ≤ 1.05× AdamW's, AdaFish's ≤ 1.10×,
-AdaFisher's optimizer state ≤ 0.6× AdamW's.
+AdaFisher's optimizer state ≤ 0.6× AdamW's without a mask (with one, masked entries hold no moments, so the
+factor vectors weigh more and the ratio rises).
 """
 
 from __future__ import annotations

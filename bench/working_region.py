@@ -68,10 +68,9 @@ def main() -> None:
     ]
     jobs = [job(*cell, seed, args.out) for cell in cells for seed in seeds]
     pending = [j for j in jobs if not (args.out / f"{j[0]}-reports.pt").is_file()]  # a rerun continues
-    with ThreadPoolExecutor(args.procs) as pool:
-        list(
-            pool.map(lambda chunk: run_jobs(1, chunk, args.out), [pending[i :: args.procs] for i in range(args.procs)])
-        )
+    chunks = [pending[i :: args.procs] for i in range(args.procs) if pending[i :: args.procs]]
+    with ThreadPoolExecutor(max(1, len(chunks))) as pool:
+        list(pool.map(lambda chunk: run_jobs(1, chunk, args.out), chunks))
 
     rows = []
     for optimizer, lr, damping in cells:
