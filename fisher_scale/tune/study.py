@@ -17,7 +17,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from fisher_scale import tracking
 from fisher_scale.config import ConfigError, ExperimentConfig
-from fisher_scale.tune.callbacks import study_label, trial_values
+from fisher_scale.tune.callbacks import STUDY_KEY, trial_values
 from fisher_scale.tune.concurrent import StudiesScheduler, StudiesSearch
 from fisher_scale.tune.experiment import (
     StudyState,
@@ -189,7 +189,7 @@ def _last_value(result: Any, metric: str) -> float | None:
 
 def _best(results: Any, label: str, cfg: ExperimentConfig, client: Any, state: StudyState, root: str) -> dict[str, Any]:
     """The best trial of study ``label`` (by its last reported metric), with its adapter logged to its run."""
-    mine = [result for result in results if study_label(result.config, [label]) == label]
+    mine = [result for result in results if result.config.get(STUDY_KEY, label) == label]
     scored = [(value, result) for result in mine if (value := _last_value(result, cfg.tune.metric)) is not None]
     if not scored:
         return {"error": "no trial reported a finite metric"}
