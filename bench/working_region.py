@@ -44,6 +44,8 @@ def job(optimizer: str, lr: float, damping: float, seed: int, out: Path) -> tupl
         f"lr={lr}",
         f"optimizer.damping={damping}",
         f"seed={seed}",
+        "train.steps=100",  # the maps' budget, whatever the main job's
+        "train.skip_nonfinite=true",  # a step with a non-finite gradient is dropped; a run that blows up is diverged
         "eval.every=0",
         "eval.max_examples=null",
         "train.checkpoint_every=0",

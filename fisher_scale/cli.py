@@ -24,6 +24,13 @@ def _optimizer_list(text: str) -> list[str]:
     return names
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(seed) for seed in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds are comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+
+
 def _demo(args: argparse.Namespace, console: Console) -> int:
     from fisher_scale.demo import DEMO_LR, DemoRun, gsm8k_byte_chunks, interleaved
     from fisher_scale.models import Lora, TinyLM
@@ -60,7 +67,8 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     from fisher_scale.config import load_config
     from fisher_scale.train.launcher import run_training
 
-    cfg = load_config(args.config, args.set)
+    seeds = getattr(args, "seeds", None)
+    cfg = load_config(args.config, [*args.set, *((f"tune.seeds={seeds}",) if seeds else ())])
     console.print(
         f"training {cfg.name}: {cfg.model.name}, {cfg.optimizer.name}, "
         f"{cfg.distributed.num_workers} worker(s), ZeRO {cfg.distributed.zero_stage}"
@@ -84,9 +92,11 @@ def _study(args: argparse.Namespace, console: Console, run: Callable[..., Any]) 
     from fisher_scale.config import ExperimentConfig, load_config
     from fisher_scale.tune.experiment import StudyInterrupted
 
-    cfg = load_config(args.config, args.set)
-    if args.resume and args.set:
-        console.print("[yellow]--set is ignored with --resume: a study continues with the config it started with")
+    seeds = getattr(args, "seeds", None)
+    overrides = [*args.set, *((f"tune.seeds={seeds}",) if seeds else ())]
+    cfg = load_config(args.config, overrides)
+    if args.resume and overrides:
+        console.print("[yellow]--set and --seeds are ignored with --resume: a study continues with its own config")
 
     def started(state: Any, root: str) -> None:
         console.print(
@@ -120,6 +130,10 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
         cells = [label, best.get("trial_id", "-"), "-" if metric is None else f"{metric:.4g}", values]
         table.add_row(*cells, *((importance,) if ranked else ()))
     console.print(table)
+    if len(state.comparison) > 1:  # the arms side by side, with verdicts where there are replicates (seeds)
+        console.print(
+            _rows_table(f"{state.study}: arms compared ({cfg.tune.metric}, {cfg.tune.mode})", state.comparison)
+        )
     storage = cfg.tune.storage  # made absolute when the study started
     console.print(
         f"results: MLflow experiment [bold]{cfg.name}[/bold], parent run {state.parent_run_id}\n"
@@ -195,13 +209,20 @@ def _comparison(args: argparse.Namespace) -> Any:
     )
 
 
-def _print_comparison(args: argparse.Namespace, report: Any, console: Console) -> None:
-    table = Table(title=f"{args.experiment}: {report.metric} ({report.mode}), {report.trials} trials")
-    for column in report.rows[0] if report.rows else ():
+def _rows_table(title: str, rows: list[dict[str, Any]]) -> Table:
+    """The comparison's rows (``compare.comparison_table``) as a terminal table."""
+    table = Table(title=title)
+    for column in rows[0] if rows else ():
         table.add_column(column, justify="left" if column == "arm" else "right")
-    for row in report.rows:
+    for row in rows:
         table.add_row(*("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
-    console.print(table)
+    return table
+
+
+def _print_comparison(args: argparse.Namespace, report: Any, console: Console) -> None:
+    console.print(
+        _rows_table(f"{args.experiment}: {report.metric} ({report.mode}), {report.trials} trials", report.rows)
+    )
 
 
 def _compare(args: argparse.Namespace, console: Console) -> int:
@@ -225,7 +246,8 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     from fisher_scale.config import load_config
     from fisher_scale.train.evaluation import evaluate_checkpoint
 
-    cfg = load_config(args.config, args.set)
+    seeds = getattr(args, "seeds", None)
+    cfg = load_config(args.config, [*args.set, *((f"tune.seeds={seeds}",) if seeds else ())])
     checkpoint = args.checkpoint / "adapter" if (args.checkpoint / "adapter").is_dir() else args.checkpoint
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"--checkpoint: no adapter directory at {args.checkpoint}")
@@ -275,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     study = commands.add_parser("tune", help="a hyperparameter study: Ray Tune + Optuna, tracked in MLflow")
     study.add_argument("config", type=Path, help="experiment YAML with a tune section (tune_configs/demo.yaml)")
     study.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    study.add_argument(
+        "--seeds",
+        type=_seed_list,
+        metavar="0,1,2",
+        help="repeat every study once per seed, side by side (sets tune.seeds); the final table gives verdicts",
+    )
     study.add_argument(
         "--resume", action="store_true", help="continue the newest unfinished study of this config's name"
     )

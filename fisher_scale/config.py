@@ -207,6 +207,12 @@ class TuneConfig(Section):
         description="arm → fixed dotted config values; every optimizer's study runs once per arm, labelled "
         "<optimizer>-<arm>, with the same trial budget (e.g. with and without a FISH mask)",
     )
+    seeds: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="repeat every study once per seed (its training, mask and sampler seed), labelled "
+        "<study>/seed<n>; the final table compares the arms over these replicates",
+    )
     num_samples: int = Field(8, ge=1, description="trials per study (per optimizer and arm when those are set)")
     max_concurrent: int | None = Field(
         None, ge=1, description="trials at once over all studies; default: as many as the cluster fits"

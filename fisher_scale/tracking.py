@@ -24,6 +24,8 @@ KIND_TAG = "fisher_scale.kind"
 PARENT_TAG = "mlflow.parentRunId"
 #: on a study's parent run: the arm every other is compared with (the first listed optimizer and arm)
 REFERENCE_TAG = "fisher_scale.reference"
+#: on a trial run under ``tune.seeds``: its replicate (``seed<n>``), one repeated study for the statistics
+REPLICATE_TAG = "fisher_scale.replicate"
 
 
 def sqlite_url(url: str) -> str:

@@ -58,7 +58,9 @@ def test_study_commands_print_what_the_study_ran(tmp_path: Path, capsys: pytest.
 
     started = {"name": "ran", "scale": {"grid": {"model.name": ["tiny", "tiny-x2"]}}, "tune": {"metric": "loss"}}
     state = StudyState("ran-20260101-000000", started, "sqlite:///m.db", "1", "p", best={"adamw": {
-        "trial_id": "t1", "metric": 1.25, "config": {"lr": 0.003}}})  # fmt: skip
+        "trial_id": "t1", "metric": 1.25, "config": {"lr": 0.003}}}, comparison=[
+        {"arm": "adamw", "mean best loss": 1.25, "verdict": "reference"},
+        {"arm": "adafish", "mean best loss": 1.5, "verdict": "not distinguishable"}])  # fmt: skip
     points = [PointResult({"model.name": m}, m, parameters=n, tokens_per_s=10.0, step_time_s=0.5) for m, n in
               (("tiny", 123), ("tiny-x2", 690))]  # fmt: skip
     report = grid.ScaleReport(state, points, [Fit("step_time_s", "parameters", {}, 0.71, 0.99, 2)], [])
@@ -69,7 +71,11 @@ def test_study_commands_print_what_the_study_ran(tmp_path: Path, capsys: pytest.
     path.write_text(yaml.safe_dump({"name": "edited", "tune": {"metric": "gsm8k/loss"}}))
     assert main(["tune", str(path), "--resume", "--set", "lr=0.1"]) == 0
     out = capsys.readouterr().out
-    assert "--set is ignored with --resume" in out and "t1" in out and "1.25" in out and "lr=0.003" in out
+    assert "--set and --seeds are ignored with --resume" in out and "t1" in out and "1.25" in out and "lr=0.003" in out
+    assert "arms compared" in out and "not distinguishable" in out  # the comparison, after the best trials
+    with pytest.raises(SystemExit):
+        main(["tune", str(path), "--seeds", "0,one"])
+    assert "comma-separated integers" in capsys.readouterr().err
     assert "loss, min" in out and "gsm8k/loss" not in out and "fisher-scale compare ran" in out
     assert main(["scale", str(path)]) == 0
     out = capsys.readouterr().out

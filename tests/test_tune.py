@@ -17,7 +17,7 @@ from fisher_scale.config import ConfigError, build_config
 from fisher_scale.data import default_data_dir
 from fisher_scale.train.local import free_port
 from fisher_scale.tune.compare import TrialRecord, comparison_table, equal_budget
-from fisher_scale.tune.space import check_study, optuna_distributions, study_spaces
+from fisher_scale.tune.space import check_study, optuna_distributions, split_study_key, study_spaces
 
 needs_data = pytest.mark.skipif(
     not (default_data_dir() / "gsm8k" / "test.jsonl").is_file(), reason="needs ../shared/data/gsm8k"
@@ -179,6 +179,75 @@ def test_bad_arms_name_the_arm_and_key(arms: dict, message: str) -> None:
     tune = {"space": {"lr": {"loguniform": [1e-4, 1e-2]}}, "optimizers": {"adamw": {}}, "arms": arms}
     with pytest.raises(ConfigError, match=message):
         study_spaces(build_config({"tune": tune}))
+
+
+def test_seeds_repeat_every_study_with_its_seed_fixed() -> None:
+    """``tune.seeds``: each optimizer × arm study once per seed, the seed set in its base and nothing else changed;
+    the key splits back into the label ``compare`` groups by and the replicate."""
+    tune = {
+        "space": {"lr": {"loguniform": [1e-4, 1e-2]}},
+        "optimizers": {"adamw": {}, "adafisher": {}},
+        "arms": {"lora": {}, "wide": {"peft.rank": 16}},
+        "seeds": [4, 0],
+    }
+    cfg = build_config({"seed": 9, "tune": tune})
+    studies = study_spaces(cfg)
+    plain = study_spaces(build_config({"seed": 9, "tune": {**tune, "seeds": None}}))
+    assert list(studies) == [f"{label}/seed{seed}" for label in plain for seed in (4, 0)]
+    for key, (base, space) in studies.items():
+        label, replicate = split_study_key(key)
+        assert replicate == f"seed{base.seed}" and base.seed in (4, 0)
+        fixed = {"seed", "tune"}  # the seed, and tune.seeds itself
+        assert base.model_dump(exclude=fixed) == plain[label][0].model_dump(exclude=fixed) and space == plain[label][1]
+    assert split_study_key("adamw-lora") == ("adamw-lora", None)
+
+
+@pytest.mark.parametrize(
+    ("tune", "message"),
+    [
+        ({"seeds": [0, 1, 0]}, r"tune\.seeds: 0 listed twice"),
+        ({"seeds": []}, r"tune\.seeds"),
+        ({"seeds": [0, 1], "space": {"seed": {"choice": [1, 2]}}}, r"tune\.space\.seed: searched in study adamw"),
+    ],
+)
+def test_bad_seeds_name_the_key(tune: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        study_spaces(build_config({"optimizer": {"name": "adamw"}, "tune": tune}))
+
+
+def test_replicates_of_one_study_are_compared_seed_by_seed(tmp_path: Path) -> None:
+    """Trials of a ``tune.seeds`` study are tracked with their label, replicate and seed; ``compare`` reads each
+    replicate as one repeated study, so the paired verdict is over the seeds (hand-computed here)."""
+    from types import SimpleNamespace
+
+    from fisher_scale import tracking
+    from fisher_scale.tune.callbacks import STUDY_KEY, MlflowTrials
+    from fisher_scale.tune.compare import load_trials
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    experiment = tracking.experiment_id(client, "replicates", uri)
+    parent = client.create_run(experiment).info.run_id
+    arms = {"lora": {}, "wide": {"peft.rank": 16}}
+    cfg = build_config({"optimizer": {"name": "adamw"}, "tune": {"space": {}, "arms": arms, "seeds": [0, 1]}})
+    bases = {key: base.model_dump(mode="json") for key, (base, _) in study_spaces(cfg).items()}
+    callback = MlflowTrials(uri, experiment, parent, "study-1", bases)
+    finals = {"adamw-lora/seed0": 0.80, "adamw-lora/seed1": 0.78, "adamw-wide/seed0": 0.84, "adamw-wide/seed1": 0.83}
+    for number, (key, value) in enumerate(finals.items()):
+        trial = SimpleNamespace(trial_id=f"t{number}", config={STUDY_KEY: key, "lr": 1e-3})
+        callback.on_trial_result(0, [], trial, {"step": 10, "m": value})
+    records = load_trials(client, experiment, "m")
+    assert sorted((r.study, r.arm, r.params["seed"]) for r in records) == [
+        ("study-1/seed0", "adamw-lora", "0"),
+        ("study-1/seed0", "adamw-wide", "0"),
+        ("study-1/seed1", "adamw-lora", "1"),
+        ("study-1/seed1", "adamw-wide", "1"),
+    ]
+    rows = {row["arm"]: row for row in comparison_table(records, "m", "max", reference="adamw-lora")}
+    assert rows["adamw-lora"]["studies"] == 2 and rows["adamw-lora"]["mean best m"] == pytest.approx(0.79)
+    # differences 0.04 and 0.05: every bootstrap mean lies in [0.04, 0.05], which excludes 0
+    assert rows["adamw-wide"]["vs adamw-lora"] == pytest.approx(0.045)
+    assert rows["adamw-wide"]["verdict"] == "better"
 
 
 # --- the comparison ---
@@ -540,17 +609,17 @@ def mlflow_children(db: Path) -> list[Any]:
 @needs_data
 def test_interrupted_study_resumes_without_lost_or_duplicated_trials(tmp_path: Path) -> None:
     """Ctrl+C after the first trial finished, then ``--resume``: every trial ends once, one MLflow run
-    each, in the same parent run and Optuna studies (two studies of one trial: the restored search keeps
-    each study's budget)."""
+    each, in the same parent run and Optuna studies (two replicates of ``--seeds``, one trial each: the
+    restored search keeps each study's budget, each trial its replicate's seed)."""
     import optuna
     from mlflow import MlflowClient
 
     config = tmp_path / "study.yaml"
-    config.write_text(yaml.safe_dump(study_tree(tmp_path, num_samples=1, optimizers={"adamw": {}, "adafisher": {}})))
+    config.write_text(yaml.safe_dump(study_tree(tmp_path, num_samples=1)))
     command = [str(Path(sys.executable).parent / "fisher-scale"), "tune", str(config)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    first = subprocess.Popen([*command, "--seeds", "0,1"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while not any(run.info.status == "FINISHED" for run in mlflow_children(tmp_path / "mlflow.db")):
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
@@ -572,10 +641,12 @@ def test_interrupted_study_resumes_without_lost_or_duplicated_trials(tmp_path: P
     parents = client.search_runs([experiment.experiment_id], filter_string="tags.`fisher_scale.kind` = 'study'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert {run.data.tags["mlflow.parentRunId"] for run in children} == {parents[0].info.run_id}
-    assert {run.data.tags["study_label"] for run in children} == {"adamw", "adafisher"}
-    for label in ("adamw", "adafisher"):  # the restored search kept each study's budget: one trial each
+    assert {run.data.tags["study_label"] for run in children} == {"adamw"}
+    replicates = {run.data.tags["fisher_scale.replicate"]: run.data.params["seed"] for run in children}
+    assert replicates == {"seed0": "0", "seed1": "1"}
+    for replicate in replicates:  # the restored search kept each study's budget: one trial each
         study = optuna.load_study(
-            study_name=f"{parents[0].data.tags['fisher_scale.study']}/{label}",
+            study_name=f"{parents[0].data.tags['fisher_scale.study']}/adamw/{replicate}",
             storage=f"sqlite:///{tmp_path / 'optuna.db'}",
         )
-        assert [t.state.name for t in study.trials] == ["COMPLETE"], label
+        assert [t.state.name for t in study.trials] == ["COMPLETE"], replicate

@@ -15,6 +15,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from fisher_scale import tracking
 from fisher_scale.config import ExperimentConfig, with_values
+from fisher_scale.tune.space import split_study_key
 
 #: keys Tune adds to every result, not training metrics
 _TUNE_KEYS = {*AUTO_RESULT_KEYS, "trial_id", "done", "config", "checkpoint_dir_name", "should_checkpoint"}
@@ -91,20 +92,20 @@ class MlflowTrials(Callback):
             self.client, self.experiment_id, **{tracking.TRIAL_TAG: trial.trial_id, tracking.STUDY_TAG: self.study}
         )
         if run_id is None:
-            label = study_label(trial.config, self.bases)
+            key = study_label(trial.config, self.bases)
+            label, replicate = split_study_key(key)
             cfg = trial_config(self.bases, trial.config, trial.trial_id)
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=f"{label}-{trial.trial_id}",
-                tags={
-                    tracking.PARENT_TAG: self.parent_run_id,
-                    tracking.TRIAL_TAG: trial.trial_id,
-                    tracking.STUDY_TAG: self.study,
-                    tracking.KIND_TAG: self.kind,
-                    "optimizer": cfg.optimizer.name,
-                    "study_label": label,
-                },
-            )
+            tags = {
+                tracking.PARENT_TAG: self.parent_run_id,
+                tracking.TRIAL_TAG: trial.trial_id,
+                tracking.STUDY_TAG: self.study,
+                tracking.KIND_TAG: self.kind,
+                "optimizer": cfg.optimizer.name,
+                "study_label": label,
+            }
+            if replicate is not None:
+                tags[tracking.REPLICATE_TAG] = replicate
+            run = self.client.create_run(self.experiment_id, run_name=f"{key}-{trial.trial_id}", tags=tags)
             run_id = run.info.run_id
             tracking.log_params(self.client, run_id, tracking.run_params(cfg))
             self.client.log_dict(run_id, cfg.model_dump(mode="json"), "config.json")

@@ -20,7 +20,8 @@ from fisher_scale import tracking
 
 @dataclass
 class TrialRecord:
-    """One trial's run: its study, arm (the Optuna study's label: an optimizer, or ``<optimizer>-<arm>``),
+    """One trial's run: its study (``<study>/seed<n>`` for a replicate of ``tune.seeds``: each is one repeated
+    study for the statistics), arm (the Optuna study's label: an optimizer, or ``<optimizer>-<arm>``),
     searched values and metric histories (step → value)."""
 
     run_id: str
@@ -50,9 +51,10 @@ def load_trials(client: Any, experiment_id: str, metric: str, study: str | None 
         query += f" and tags.`{tracking.STUDY_TAG}` = '{study}'"
     records = []
     for run in client.search_runs([experiment_id], filter_string=query, max_results=10000):
+        replicate = run.data.tags.get(tracking.REPLICATE_TAG)
         record = TrialRecord(
             run.info.run_id,
-            run.data.tags.get(tracking.STUDY_TAG, ""),
+            run.data.tags.get(tracking.STUDY_TAG, "") + (f"/{replicate}" if replicate else ""),
             run.data.tags.get("study_label") or run.data.tags.get("optimizer", "?"),
             run.info.start_time,
             dict(run.data.params),
@@ -326,5 +328,5 @@ def compare_experiment(
     client.log_dict(run.info.run_id, rows, "comparison.json")
     client.set_terminated(run.info.run_id)
     setup = {key: newest.params[key] for key in SETUP_KEYS if key in newest.params}
-    seeds = sorted({run.data.params.get("seed", "?") for run in studies})
+    seeds = sorted({record.params.get("seed", "?") for record in records}, key=lambda seed: (len(seed), seed))
     return Comparison(metric, mode, len(records), rows, run.info.run_id, uri, setup, seeds, plots)

@@ -60,6 +60,7 @@ class StudyState:
     kind: str = "tune"
     finished: bool = False
     best: dict[str, Any] = field(default_factory=dict)
+    comparison: list[dict[str, Any]] = field(default_factory=list)
 
 
 def storage_root(cfg: ExperimentConfig) -> str:

@@ -21,7 +21,8 @@ def study_spaces(cfg: ExperimentConfig) -> dict[str, tuple[ExperimentConfig, dic
     """One (base config, space) per Optuna study: per listed optimizer (``tune.optimizers``, optimizer
     fixed, overrides applied, ``null`` drops a key), else one study labelled by the optimizer name
     (or ``searched`` when ``optimizer.name`` is itself a dimension); with ``tune.arms`` each of those
-    once per arm, its values fixed, labelled ``<optimizer>-<arm>``."""
+    once per arm, its values fixed, labelled ``<optimizer>-<arm>``; with ``tune.seeds`` each of those once
+    per seed, keyed ``<label>/seed<n>``."""
     tune = cfg.tune
     if tune.optimizers is None:
         label = "searched" if "optimizer.name" in tune.space else cfg.optimizer.name
@@ -34,11 +35,38 @@ def study_spaces(cfg: ExperimentConfig) -> dict[str, tuple[ExperimentConfig, dic
             space = {k: v for k, v in {**tune.space, **overrides}.items() if v is not None}
             base = with_values(cfg, {"optimizer.name": name}, origin=f"tune.optimizers.{name}")
             studies[name] = (base, space)
-    if tune.arms is None:
-        return studies
-    if tune.optimizers is not None and any("optimizer.name" in values for values in tune.arms.values()):
-        raise ConfigError("tune.arms: an arm cannot set optimizer.name when tune.optimizers fixes one per study")
-    return _with_arms(studies, tune.arms)
+    if tune.arms is not None:
+        if tune.optimizers is not None and any("optimizer.name" in values for values in tune.arms.values()):
+            raise ConfigError("tune.arms: an arm cannot set optimizer.name when tune.optimizers fixes one per study")
+        studies = _with_arms(studies, tune.arms)
+    return _with_seeds(studies, tune.seeds) if tune.seeds is not None else studies
+
+
+#: how a study key names its replicate under ``tune.seeds``: ``<label>/seed<n>`` (labels hold no slash)
+_REPLICATE = "/seed"
+
+
+def split_study_key(key: str) -> tuple[str, str | None]:
+    """A study key's label (what ``compare`` groups by) and replicate (``seed<n>``, None without ``tune.seeds``)."""
+    label, mark, seed = key.rpartition(_REPLICATE)
+    return (label, f"seed{seed}") if mark else (key, None)
+
+
+def _with_seeds(
+    studies: dict[str, tuple[ExperimentConfig, dict[str, Dimension]]], seeds: list[int]
+) -> dict[str, tuple[ExperimentConfig, dict[str, Dimension]]]:
+    """Every study once per seed, the seed fixed in its base: repeated studies run side by side."""
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if repeated:
+        raise ConfigError(f"tune.seeds: {', '.join(map(str, repeated))} listed twice; a replicate needs its own seed")
+    searched = [label for label, (_, space) in studies.items() if "seed" in space]
+    if searched:
+        raise ConfigError(f"tune.space.seed: searched in study {searched[0]} and fixed per replicate by tune.seeds")
+    return {
+        f"{label}{_REPLICATE}{seed}": (with_values(base, {"seed": seed}, origin="tune.seeds"), space)
+        for label, (base, space) in studies.items()
+        for seed in seeds
+    }
 
 
 def _with_arms(

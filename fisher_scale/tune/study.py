@@ -28,7 +28,7 @@ from fisher_scale.tune.experiment import (
     start_cluster,
     storage_filesystem,
 )
-from fisher_scale.tune.space import check_study, optuna_distributions, resource_configs
+from fisher_scale.tune.space import check_study, optuna_distributions, resource_configs, split_study_key
 
 
 class EvalStepOptunaSearch(OptunaSearch):
@@ -129,7 +129,7 @@ def run_study(
     cfg, state, root = open_study(cfg, kind="tune", resume=resume, check=check, tags=tags, on_start=on_start)
     resources = start_cluster(cfg, resource_configs(studies))
     client = tracking.client(state.tracking_uri)
-    client.set_tag(state.parent_run_id, tracking.REFERENCE_TAG, next(iter(studies)))
+    client.set_tag(state.parent_run_id, tracking.REFERENCE_TAG, split_study_key(next(iter(studies)))[0])
     searches = {label: _search(label, base, space, state) for label, (base, space) in studies.items()}
     budgets = dict.fromkeys(studies, cfg.tune.num_samples)
     schedulers = {label: scheduler for label, (_, scheduler) in searches.items() if scheduler is not None}
@@ -217,7 +217,8 @@ def _best(results: Any, label: str, cfg: ExperimentConfig, client: Any, state: S
 
 
 def _finish(client: Any, state: StudyState, cfg: ExperimentConfig, root: str) -> None:
-    """Best metrics and adapters on the parent run, comparison plots, the study marked finished."""
+    """Best metrics and adapters on the parent run, the comparison of its arms (table and plots), the study
+    marked finished."""
     from fisher_scale.tune.compare import study_report
 
     best_metrics = {f"best/{label}/{cfg.tune.metric}": b.get("metric") for label, b in state.best.items()}
@@ -238,5 +239,5 @@ def _finish(client: Any, state: StudyState, cfg: ExperimentConfig, root: str) ->
                 client.log_artifact(state.parent_run_id, local, "best_adapter")
     with tempfile.TemporaryDirectory() as tmp:  # the plots live in MLflow (local storage keeps a copy)
         plots = Path(tmp) if "://" in root else Path(root) / state.study / "plots"
-        study_report(client, state, cfg, plots_dir=plots)
+        state.comparison = study_report(client, state, cfg, plots_dir=plots)
     finish_study(root, state)
