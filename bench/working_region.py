@@ -24,8 +24,8 @@ from rich.console import Console
 from rich.table import Table
 
 from fisher_scale.config import build_config
+from fisher_scale.study.callbacks import COLLAPSED_SHARE
 from fisher_scale.train.local import run_jobs
-from fisher_scale.tune.callbacks import COLLAPSED_SHARE
 
 #: lr × damping per optimizer: AdaFisher's step scales with lr/λ, so its working lrs move with λ
 GRIDS = {

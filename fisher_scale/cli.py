@@ -9,11 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import rich
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 from fisher_scale.optim import OPTIMIZERS
+
+#: columns of the output when it is not a terminal (the tables of a study are wider than 80)
+LOG_WIDTH = 160
 
 
 def _optimizer_list(text: str) -> list[str]:
@@ -67,8 +71,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     from fisher_scale.config import load_config
     from fisher_scale.train.launcher import run_training
 
-    seeds = getattr(args, "seeds", None)
-    cfg = load_config(args.config, [*args.set, *((f"tune.seeds={seeds}",) if seeds else ())])
+    cfg = load_config(args.config, args.set)
     console.print(
         f"training {cfg.name}: {cfg.model.name}, {cfg.optimizer.name}, "
         f"{cfg.distributed.num_workers} worker(s), ZeRO {cfg.distributed.zero_stage}"
@@ -90,7 +93,7 @@ def _study(args: argparse.Namespace, console: Console, run: Callable[..., Any]) 
     """Load the config and run a study command; returns the config the study ran (a resumed study's own)
     and the result, which is None when Ctrl+C interrupted it."""
     from fisher_scale.config import ExperimentConfig, load_config
-    from fisher_scale.tune.experiment import StudyInterrupted
+    from fisher_scale.study.experiment import StudyInterrupted
 
     seeds = getattr(args, "seeds", None)
     overrides = [*args.set, *((f"tune.seeds={seeds}",) if seeds else ())]
@@ -112,27 +115,18 @@ def _study(args: argparse.Namespace, console: Console, run: Callable[..., Any]) 
 
 
 def _tune(args: argparse.Namespace, console: Console) -> int:
-    from fisher_scale.tune.study import run_study
+    from fisher_scale.tune.compare import rows_table
+    from fisher_scale.tune.study import best_table, run_study
 
     cfg, state = _study(args, console, run_study)
     if state is None:
         return 130
-    table = Table(title=f"{state.study}: best trial per study ({cfg.tune.metric}, {cfg.tune.mode})")
-    ranked = any(best.get("importances") for best in state.best.values())  # a column only where there are some
-    for column in ("study", "trial", cfg.tune.metric, "values", *(("importance",) if ranked else ())):
-        table.add_column(column)
-    for label, best in state.best.items():
-        values = ", ".join(
-            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.get("config", {}).items()
-        )
-        importance = ", ".join(f"{k} {v:.2f}" for k, v in best.get("importances", {}).items()) or "-"
-        metric = best.get("metric")
-        cells = [label, best.get("trial_id", "-"), "-" if metric is None else f"{metric:.4g}", values]
-        table.add_row(*cells, *((importance,) if ranked else ()))
-    console.print(table)
+    console.print(best_table(state, cfg.tune))
     if len(state.comparison) > 1:  # the arms side by side, with verdicts where there are replicates (seeds)
         console.print(
-            _rows_table(f"{state.study}: arms compared ({cfg.tune.metric}, {cfg.tune.mode})", state.comparison)
+            rows_table(
+                f"{state.study}: arms compared ({cfg.tune.metric}, {cfg.tune.mode})", state.comparison, cfg.tune.metric
+            )
         )
     storage = cfg.tune.storage  # made absolute when the study started
     console.print(
@@ -145,54 +139,18 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
 
 
 def _scale(args: argparse.Namespace, console: Console) -> int:
-    from fisher_scale.scale.analysis import describe, short_names
+    from fisher_scale.scale.analysis import fits_table, points_table
     from fisher_scale.scale.grid import run_scale
 
     cfg, report = _study(args, console, run_scale)
     if report is None:
         return 130
-    table = Table(title=f"{report.state.study}: per point (means over steady-state reports)")
-    columns = [*cfg.scale.grid, "params", "tokens/s", "step ms", "fwd/bwd/opt/comm ms", "peak MiB", "state KiB"]
-    if cfg.scale.target_loss is not None:
-        columns += ["steps→target", "train s→target"]
-    names = short_names(list(cfg.scale.grid))
-    for column in (*columns, "final eval"):
-        table.add_column(names.get(column, column), justify="right")
-    for point in report.points:
-        split = "/".join(
-            _fmt(1000 * v if v is not None else None, ".0f")
-            for v in (point.forward_s, point.backward_s, point.optimizer_s, point.comm_s)
-        )
-        row = [str(point.grid[k]) for k in cfg.scale.grid]
-        row += [
-            _fmt(point.parameters, ",d"),
-            _fmt(point.tokens_per_s, ".0f"),
-            _fmt(1000 * point.step_time_s if point.step_time_s else None, ".1f"),
-            split,
-            _fmt(point.peak_bytes / 2**20 if point.peak_bytes else None, ".0f"),
-            _fmt(point.state_bytes / 1024 if point.state_bytes else None, ".1f"),
-        ]
-        if cfg.scale.target_loss is not None:
-            row += [_fmt(point.steps_to_target, "d"), _fmt(point.time_to_target_s, ".2f")]
-        row.append(", ".join(f"{k}={v:.4g}" for k, v in point.final.items()))
-        table.add_row(*row)
-    console.print(table)
-    fits = Table(title="fitted exponents (log-log least squares)")
-    for column in ("quantity", "against", "fixed", "exponent", "R²", "points"):
-        fits.add_column(column)
-    varying = [k for k in cfg.scale.grid if len(cfg.scale.grid[k]) > 1]
-    for fit in report.fits:
-        fixed = describe(fit.fixed, varying)
-        fits.add_row(fit.quantity, fit.against, fixed, f"{fit.exponent:.3f}", f"{fit.r2:.3f}", str(fit.n))
-    console.print(fits)
+    console.print(points_table(report.state.study, report.points, cfg.scale))
+    console.print(fits_table(report.fits, cfg.scale))
     console.print(
         f"plots: {', '.join(str(p) for p in report.plots)}\n  mlflow ui --backend-store-uri {report.state.tracking_uri}"
     )
     return 0
-
-
-def _fmt(value: float | int | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def _comparison(args: argparse.Namespace) -> Any:
@@ -209,19 +167,13 @@ def _comparison(args: argparse.Namespace) -> Any:
     )
 
 
-def _rows_table(title: str, rows: list[dict[str, Any]]) -> Table:
-    """The comparison's rows (``compare.comparison_table``) as a terminal table."""
-    table = Table(title=title)
-    for column in rows[0] if rows else ():
-        table.add_column(column, justify="left" if column == "arm" else "right")
-    for row in rows:
-        table.add_row(*("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
-    return table
-
-
 def _print_comparison(args: argparse.Namespace, report: Any, console: Console) -> None:
+    from fisher_scale.tune.compare import rows_table
+
     console.print(
-        _rows_table(f"{args.experiment}: {report.metric} ({report.mode}), {report.trials} trials", report.rows)
+        rows_table(
+            f"{args.experiment}: {report.metric} ({report.mode}), {report.trials} trials", report.rows, report.metric
+        )
     )
 
 
@@ -244,13 +196,10 @@ def _report(args: argparse.Namespace, console: Console) -> int:
 
 def _eval(args: argparse.Namespace, console: Console) -> int:
     from fisher_scale.config import load_config
-    from fisher_scale.train.evaluation import evaluate_checkpoint
+    from fisher_scale.train.evaluation import adapter_directory, evaluate_checkpoint
 
-    seeds = getattr(args, "seeds", None)
-    cfg = load_config(args.config, [*args.set, *((f"tune.seeds={seeds}",) if seeds else ())])
-    checkpoint = args.checkpoint / "adapter" if (args.checkpoint / "adapter").is_dir() else args.checkpoint
-    if not checkpoint.is_dir():
-        raise FileNotFoundError(f"--checkpoint: no adapter directory at {args.checkpoint}")
+    cfg = load_config(args.config, args.set)
+    checkpoint = adapter_directory(args.checkpoint)
     metrics = evaluate_checkpoint(cfg, checkpoint)
     table = Table(title=f"{cfg.data.dataset}: {checkpoint}")
     table.add_column("metric")
@@ -348,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console()
+    if not sys.stdout.isatty():  # a log file, CI or `ray job logs`: rich would cut every table at 80 columns
+        rich.reconfigure(width=LOG_WIDTH)
+    console = rich.get_console()
     try:
         return args.run(args, console)
     except (FileNotFoundError, ValueError, ImportError) as error:

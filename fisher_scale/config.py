@@ -14,8 +14,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fisher_scale.masks.scoring import DEFAULT_HEAD
-
 
 class Section(BaseModel):
     """A config section: unknown keys are errors, values are validated on construction."""
@@ -65,7 +63,11 @@ class MaskConfig(Section):
     variant: Literal["empirical", "expect"] = "empirical"
     warmup_steps: int = Field(0, ge=0, description="dense steps before the mask is computed")
     refresh_every: int = Field(0, ge=0, description="recompute every N steps after the first mask (0 = never)")
-    head: tuple[str, ...] = Field(DEFAULT_HEAD, description="module names of the task head (target=model)")
+    head: tuple[str, ...] | None = Field(
+        None,
+        description="module names of the task head, kept whole under target=model; default: the masks "
+        "library's (classifier, score)",
+    )
 
 
 class ModelConfig(Section):
@@ -113,6 +115,7 @@ class TrainConfig(Section):
     lr_schedule: LrSchedule = Field("constant", description="after warm-up: constant, or linear/cosine decay to 0")
     log_every: int = Field(5, ge=1, description="steps between metric reports (Ray reports cost ~1.5 s)")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0 = only at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints Ray Train keeps per run, the newest")
     output_dir: str = Field("outputs/run", description="final adapter/model and result.json")
     skip_nonfinite: bool = Field(False, description="skip a step with a NaN/inf loss or gradient instead of failing")
     resume_from: str | None = Field(None, description="a checkpoint directory of an earlier run to continue from")
@@ -276,6 +279,11 @@ class ExperimentConfig(Section):
                 f"mask.budget_rank={budget} needs mask.target=peft and at most peft.rank={self.peft.rank} "
                 "(it keeps the entries of a LoRA of that rank out of the wider one)"
             )
+        if self.mask.enabled and self.mask.samples < self.distributed.num_workers:
+            raise ValueError(
+                f"mask.samples={self.mask.samples} is below distributed.num_workers={self.distributed.num_workers}: "
+                "every rank scores its share of the samples"
+            )
         if self.model.dtype == "bfloat16" and not self.distributed.use_gpu:
             raise ValueError("model.dtype=bfloat16 needs distributed.use_gpu=true (CPU training runs in float32)")
         bf16 = self.model.dtype == "bfloat16" or _deepspeed_enables(self.distributed.deepspeed, "bf16")
@@ -377,3 +385,12 @@ def flatten(config: BaseModel, prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+#: config sections a study cannot search or grid over (they describe the study itself)
+_NOT_SEARCHABLE = ("tune.", "scale.", "tracking.", "name")
+
+
+def searchable_keys() -> list[str]:
+    """The dotted keys a search space, an arm or a scaling grid may set."""
+    return sorted(k for k in flatten(ExperimentConfig()) if not k.startswith(_NOT_SEARCHABLE))

@@ -24,6 +24,9 @@ KIND_TAG = "fisher_scale.kind"
 PARENT_TAG = "mlflow.parentRunId"
 #: on a study's parent run: the arm every other is compared with (the first listed optimizer and arm)
 REFERENCE_TAG = "fisher_scale.reference"
+#: the ``KIND_TAG`` of a command's parent run and of its child runs; ``compare`` logs runs of its own kind
+RUN_KINDS = {"tune": ("study", "trial"), "scale": ("scale", "point")}
+COMPARE_KIND = "compare"
 #: on a trial run under ``tune.seeds``: its replicate (``seed<n>``), one repeated study for the statistics
 REPLICATE_TAG = "fisher_scale.replicate"
 
@@ -101,6 +104,21 @@ def experiment_id(mlflow_client: Any, name: str, uri: str) -> str:
         return found.experiment_id
     root = artifact_root(uri)
     return mlflow_client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+
+
+def all_runs(
+    mlflow_client: Any, experiment: str, query: str, order_by: list[str] | None = None, page_size: int = 1000
+) -> list[Any]:
+    """Every run matching ``query``, page by page (one search returns at most one page)."""
+    runs, token = [], None
+    while True:
+        page = mlflow_client.search_runs(
+            [experiment], filter_string=query, order_by=order_by, max_results=page_size, page_token=token
+        )
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
 
 
 def find_run(mlflow_client: Any, experiment: str, **tags: str) -> str | None:

@@ -34,7 +34,6 @@ def test_eval_command_reproduces_the_sharded_evaluation_of_training(tmp_path: Pa
     assert main(["eval", str(path), "--checkpoint", str(tmp_path / "run"), "--json", str(tmp_path / "m.json")]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["glue/sst2/accuracy"] == pytest.approx(trained["glue/sst2/accuracy"])
-    assert 0 <= metrics["glue/sst2/accuracy"] <= 1
 
 
 def test_bad_input_is_reported_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -54,7 +53,7 @@ def test_study_commands_print_what_the_study_ran(tmp_path: Path, capsys: pytest.
     import fisher_scale.scale.grid as grid
     import fisher_scale.tune.study as study
     from fisher_scale.scale.analysis import Fit, PointResult
-    from fisher_scale.tune.experiment import StudyState
+    from fisher_scale.study.experiment import StudyState
 
     started = {"name": "ran", "scale": {"grid": {"model.name": ["tiny", "tiny-x2"]}}, "tune": {"metric": "loss"}}
     state = StudyState("ran-20260101-000000", started, "sqlite:///m.db", "1", "p", best={"adamw": {

@@ -107,7 +107,10 @@ def test_every_shipped_config_validates() -> None:
         if "\ntune:" in path.read_text():  # a study config: its search space and metric are checked too
             from fisher_scale.tune.space import check_study
 
-            assert check_study(cfg), path
+            try:
+                check_study(cfg)
+            except ConfigError as error:  # it names the bad space, metric or ASHA setting
+                pytest.fail(f"{path}: {error}")
 
 
 def test_paths_are_resolved_and_missing_data_is_a_config_error(tmp_path) -> None:
@@ -263,3 +266,17 @@ def test_lr_schedule_after_warm_up_is_transformers_schedule(schedule: str) -> No
     assert ours[:warmup] == pytest.approx([peak * (k + 1) / warmup for k in range(warmup)])
     assert ours[warmup:] == pytest.approx(expected[warmup:])
     assert ours[-1] == pytest.approx(peak if schedule == "constant" else expected[-1]) and ours[-1] > 0
+
+
+def test_scoring_examples_split_over_ranks_cover_every_sample_once() -> None:
+    """FISH scoring's ``mask.samples`` over the ranks: contiguous shares, sizes within one, every example once
+    (the old ``samples // world`` per rank scored 1023 of 1024 on 3 ranks)."""
+    from fisher_scale.train.dataset import scoring_share
+
+    for samples, world in ((1024, 3), (256, 1), (7, 4), (5, 5)):
+        shares = [scoring_share(samples, rank, world) for rank in range(world)]
+        assert [i for share in shares for i in share] == list(range(samples))
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    assert [len(scoring_share(1024, rank, 3)) for rank in range(3)] == [341, 341, 342]
+    with pytest.raises(ConfigError, match=r"mask\.samples=2 is below distributed\.num_workers=3"):
+        build_config({"mask": {"enabled": True, "samples": 2}, "distributed": {"num_workers": 3}})

@@ -15,9 +15,10 @@ import yaml
 
 from fisher_scale.config import ConfigError, build_config
 from fisher_scale.data import default_data_dir
+from fisher_scale.study.callbacks import split_study_key
 from fisher_scale.train.local import free_port
 from fisher_scale.tune.compare import TrialRecord, comparison_table, equal_budget
-from fisher_scale.tune.space import check_study, optuna_distributions, split_study_key, study_spaces
+from fisher_scale.tune.space import check_study, optuna_distributions, study_spaces
 
 needs_data = pytest.mark.skipif(
     not (default_data_dir() / "gsm8k" / "test.jsonl").is_file(), reason="needs ../shared/data/gsm8k"
@@ -221,7 +222,7 @@ def test_replicates_of_one_study_are_compared_seed_by_seed(tmp_path: Path) -> No
     from types import SimpleNamespace
 
     from fisher_scale import tracking
-    from fisher_scale.tune.callbacks import STUDY_KEY, MlflowTrials
+    from fisher_scale.study.callbacks import STUDY_KEY, MlflowTrials
     from fisher_scale.tune.compare import load_trials
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -360,8 +361,8 @@ def test_collapsed_and_diverged_trials_are_reported_as_such(tmp_path: Path) -> N
     from types import SimpleNamespace
 
     from fisher_scale import tracking
+    from fisher_scale.study.callbacks import MlflowTrials, TrialTable, trial_outcome
     from fisher_scale.train.worker import diverged
-    from fisher_scale.tune.callbacks import MlflowTrials, TrialTable, trial_outcome
 
     assert trial_outcome({"glue/sst2/majority_share": 1.0, "glue/sst2/accuracy": 0.509}) == "collapsed"
     assert trial_outcome({"glue/sst2/majority_share": 0.62, "diverged": 0.0}) == "trained"
@@ -399,7 +400,7 @@ def test_importances_come_from_the_study_optuna_stored(tmp_path: Path) -> None:
     few finished trials reports none."""
     import optuna
 
-    from fisher_scale.tune.experiment import StudyState
+    from fisher_scale.study.experiment import StudyState
     from fisher_scale.tune.study import importances
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -435,8 +436,20 @@ def test_local_stores_are_created_where_named(tmp_path: Path, monkeypatch: pytes
     assert tracking_uri(build_config({})) == f"sqlite:///{tmp_path}/mlflow.db"
 
 
+def test_run_searches_read_every_page(tmp_path: Path) -> None:
+    """A search returns one page (1000 runs by default); ``all_runs`` follows MLflow's page tokens to the end."""
+    from fisher_scale import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    experiment = tracking.experiment_id(client, "pages", uri)
+    made = [client.create_run(experiment, tags={"kind": "trial" if i != 2 else "other"}).info.run_id for i in range(6)]
+    found = tracking.all_runs(client, experiment, "tags.kind = 'trial'", page_size=2)
+    assert sorted(run.info.run_id for run in found) == sorted(made[:2] + made[3:])
+
+
 def test_resume_finds_only_the_same_study_name_and_command(tmp_path: Path) -> None:
-    from fisher_scale.tune.experiment import StudyState, find_resumable, write_state
+    from fisher_scale.study.experiment import StudyState, find_resumable, write_state
 
     root = str(tmp_path)
     for study, kind, finished in (

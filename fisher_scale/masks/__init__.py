@@ -13,9 +13,10 @@ from fisher_scale.masks.mask import (
     select_mask,
 )
 from fisher_scale.masks.schedule import MaskSchedule
-from fisher_scale.masks.scoring import TARGETS, VARIANTS, candidate_parameters, fisher_scores
+from fisher_scale.masks.scoring import DEFAULT_HEAD, TARGETS, VARIANTS, candidate_parameters, fisher_scores
 
 __all__ = [
+    "DEFAULT_HEAD",
     "TARGETS",
     "VARIANTS",
     "MaskSchedule",

@@ -1,6 +1,7 @@
 """Fisher-information optimizers, usable on their own: ``from fisher_scale.optim import AdaFisher``.
 
-Imports nothing but torch, so the optimizers work in any training loop.
+Imports nothing but torch (deepspeed only inside the ZeRO distributors, when one is built), so the optimizers
+work in any training loop.
 """
 
 from fisher_scale.optim.adafish import AdaFish, kronecker_direction

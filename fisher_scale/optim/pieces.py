@@ -1,4 +1,5 @@
-"""The sharding seam: which elements of which model parameter each optimizer tensor holds.
+"""Pieces: which elements of which model parameter each optimizer tensor holds (the map behind the sharding
+seam, ``fisher_scale.optim.distributor``, which builds it).
 
 Without ZeRO the optimizer holds the model's parameters themselves (one piece each, the whole
 parameter). Under ZeRO it holds flat fp32 partitions; a distributor (``fisher_scale.optim.distributor``)

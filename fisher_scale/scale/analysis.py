@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fisher_scale.config import ScaleConfig
+
 SIZE, WORKERS = "model.name", "distributed.num_workers"
 #: per-step quantities averaged over the reports (the first report, with warm-up, is left out)
 STEP_MEANS = {
@@ -248,3 +250,54 @@ def plot_scaling(points: list[PointResult], out: Path) -> list[Path]:
         plt.close(fig)
         paths.append(out / "step_time_split.png")
     return paths
+
+
+def _fmt(value: float | int | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def points_table(study: str, points: list[PointResult], scale: ScaleConfig) -> Any:
+    """The terminal table of a scaling study's points."""
+    from rich.table import Table
+
+    table = Table(title=f"{study}: per point (means over steady-state reports)")
+    columns = [*scale.grid, "params", "tokens/s", "step ms", "fwd/bwd/opt/comm ms", "peak MiB", "state KiB"]
+    if scale.target_loss is not None:
+        columns += ["steps→target", "train s→target"]
+    names = short_names(list(scale.grid))
+    for column in (*columns, "final eval"):
+        table.add_column(names.get(column, column), justify="right")
+    for point in points:
+        split = "/".join(
+            _fmt(1000 * v if v is not None else None, ".0f")
+            for v in (point.forward_s, point.backward_s, point.optimizer_s, point.comm_s)
+        )
+        row = [str(point.grid[k]) for k in scale.grid]
+        row += [
+            _fmt(point.parameters, ",d"),
+            _fmt(point.tokens_per_s, ".0f"),
+            _fmt(1000 * point.step_time_s if point.step_time_s else None, ".1f"),
+            split,
+            _fmt(point.peak_bytes / 2**20 if point.peak_bytes else None, ".0f"),
+            _fmt(point.state_bytes / 1024 if point.state_bytes else None, ".1f"),
+        ]
+        if scale.target_loss is not None:
+            row += [_fmt(point.steps_to_target, "d"), _fmt(point.time_to_target_s, ".2f")]
+        row.append(", ".join(f"{k}={v:.4g}" for k, v in point.final.items()))
+        table.add_row(*row)
+    return table
+
+
+def fits_table(fits: list[Fit], scale: ScaleConfig) -> Any:
+    """The terminal table of the fitted exponents."""
+    from rich.table import Table
+
+    table = Table(title="fitted exponents (log-log least squares)")
+    for column in ("quantity", "against", "fixed", "exponent", "R²", "points"):
+        table.add_column(column)
+    varying = [k for k in scale.grid if len(scale.grid[k]) > 1]
+    for fit in fits:
+        table.add_row(
+            fit.quantity, fit.against, describe(fit.fixed, varying), f"{fit.exponent:.3f}", f"{fit.r2:.3f}", str(fit.n)
+        )
+    return table

@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from fisher_scale import tracking
-from fisher_scale.config import ConfigError, ExperimentConfig, with_values
+from fisher_scale.config import ConfigError, ExperimentConfig, searchable_keys, with_values
 from fisher_scale.scale.analysis import Fit, PointResult, describe, fit_exponents, plot_scaling, summarize
+from fisher_scale.study.experiment import StudyState, finish_study, fit_tuner, make_tuner, open_study, start_cluster
 from fisher_scale.train.launcher import check_resources, local_resources
-from fisher_scale.tune.experiment import StudyState, finish_study, fit_tuner, make_tuner, open_study, start_cluster
-from fisher_scale.tune.space import searchable_keys
 
 #: a grid key that is not a config key: the global batch, split as batch_size × workers × accumulation
 GLOBAL_BATCH = "global_batch"

@@ -26,6 +26,12 @@ def _glue_name(dataset: str) -> str | None:
     return dataset.split("/", 1)[1] if dataset.startswith("glue/") else None
 
 
+def scoring_share(samples: int, rank: int, world: int) -> range:
+    """Rank ``rank``'s contiguous share of ``samples`` scoring examples: sizes differ by at most one and
+    the shares of all ranks cover every example once (1024 on 3 ranks: 341, 341, 342)."""
+    return range(samples * rank // world, samples * (rank + 1) // world)
+
+
 class TrainingSet:
     """Tokenised training examples; every rank builds the same list, :class:`StepBatches` picks indices."""
 
@@ -77,11 +83,10 @@ class TrainingSet:
             return model(**batch, num_items_in_batch=items).loss
         return model(**batch).loss * (self.target_count(batch) / items)
 
-    def scoring_batches(self, rank: int, world: int, per_rank: int) -> Iterator[dict[str, Tensor]]:
-        """FISH scoring examples: rank r scores examples ``[r·n, (r+1)·n)`` of the training set, so the
-        ranks together score the same examples one process would."""
-        first = rank * per_rank
-        chosen = [i % len(self) for i in range(first, first + per_rank)]
+    def scoring_batches(self, share: range) -> Iterator[dict[str, Tensor]]:
+        """FISH scoring examples: a rank's :func:`scoring_share` of the first ``mask.samples`` training
+        examples (repeated when the set is smaller), so the ranks together score what one process would."""
+        chosen = [i % len(self) for i in share]
         size = self.cfg.eval.batch_size
         for start in range(0, len(chosen), size):
             yield self.collate(chosen[start : start + size])

@@ -72,6 +72,14 @@ def evaluate_experiment(cfg: ExperimentConfig, model: nn.Module, tokenizer: Any)
     ).metrics
 
 
+def adapter_directory(path: Path) -> Path:
+    """The adapter a path names: an adapter directory, or a run's output or checkpoint directory holding one."""
+    adapter = path / "adapter" if (path / "adapter").is_dir() else path
+    if not adapter.is_dir():
+        raise FileNotFoundError(f"--checkpoint: no adapter directory at {path}")
+    return adapter
+
+
 def evaluate_checkpoint(cfg: ExperimentConfig, adapter: Path) -> dict[str, float]:
     """What ``fisher-scale eval`` reports: the config's model with the saved adapter (or weights) loaded,
     evaluated in one process, on the GPU when ``distributed.use_gpu``."""

@@ -151,7 +151,7 @@ def trainer(
             storage_path=storage_path or dist.storage_path,
             callbacks=callbacks,
             failure_config=FailureConfig(max_failures=dist.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
         resume_from_checkpoint=Checkpoint(cfg.train.resume_from) if cfg.train.resume_from else None,
     )

@@ -30,6 +30,10 @@ def free_port() -> int:
 Jobs = list[tuple[str, dict[str, Any], str | None]]
 
 
+class JobsFailed(RuntimeError):
+    """A rank of a local job group raised; the message holds every failed rank's traceback."""
+
+
 def _worker(
     rank: int, world: int, port: int, jobs: Jobs, out: str, prepare: Callable[[], None] | None, backend: str
 ) -> None:
@@ -106,4 +110,4 @@ def run_jobs(
             warnings.warn(f"distributed jobs finished, then a process died at exit: {error}", stacklevel=2)
             return
         details = "\n".join(p.read_text() for p in errors)
-        raise AssertionError(f"distributed jobs failed:\n{details}") from error
+        raise JobsFailed(f"distributed jobs failed:\n{details}") from error

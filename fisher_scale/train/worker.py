@@ -16,12 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from fisher_scale.config import ExperimentConfig
-from fisher_scale.masks import MaskSchedule, equal_budget_ratio, load_mask, save_mask
+from fisher_scale.masks import DEFAULT_HEAD, MaskSchedule, equal_budget_ratio, load_mask, save_mask
 from fisher_scale.optim import FisherOptimizer, build_optimizer, optimizer_state_bytes
 from fisher_scale.optim.distributor import all_reduce_numbers, from_engine
 from fisher_scale.train import checkpoint
 from fisher_scale.train.batches import StepBatches
-from fisher_scale.train.dataset import TrainingSet
+from fisher_scale.train.dataset import TrainingSet, scoring_share
 from fisher_scale.train.engine import deepspeed_config, init_distributed
 from fisher_scale.train.guard import NonFiniteGuard
 from fisher_scale.train.profile import PHASES, StepProfiler, peak_memory_bytes
@@ -111,21 +111,21 @@ class Run:
         mask = self.cfg.mask
         if not mask.enabled:
             return None
-        per_rank = max(1, mask.samples // self.world)
+        share = scoring_share(mask.samples, self.rank, self.world)
         ratio = mask.ratio if mask.budget_rank is None else equal_budget_ratio(self.model, mask.budget_rank)
         return MaskSchedule(
             self.model,
             self.optimizer,
-            lambda: (self._on_device(b) for b in self.data.scoring_batches(self.rank, self.world, per_rank)),
+            lambda: (self._on_device(b) for b in self.data.scoring_batches(share)),
             target=mask.target,
             ratio=ratio,
             selection=mask.selection,
             seed=self.cfg.seed,
-            samples=per_rank,
+            samples=len(share),
             variant=mask.variant,
             warmup_steps=mask.warmup_steps,
             refresh_every=mask.refresh_every,
-            head=mask.head,
+            head=DEFAULT_HEAD if mask.head is None else mask.head,
             pieces=self.pieces,
             scoring_context=self.distributor.functional,
         )

@@ -46,11 +46,11 @@ class TrialRecord:
 
 def load_trials(client: Any, experiment_id: str, metric: str, study: str | None = None) -> list[TrialRecord]:
     """Every trial run of the experiment (or of one study) with the histories the comparison needs."""
-    query = f"tags.`{tracking.KIND_TAG}` = 'trial'"
+    query = f"tags.`{tracking.KIND_TAG}` = '{tracking.RUN_KINDS['tune'][1]}'"
     if study:
         query += f" and tags.`{tracking.STUDY_TAG}` = '{study}'"
     records = []
-    for run in client.search_runs([experiment_id], filter_string=query, max_results=10000):
+    for run in tracking.all_runs(client, experiment_id, query):
         replicate = run.data.tags.get(tracking.REPLICATE_TAG)
         record = TrialRecord(
             run.info.run_id,
@@ -305,8 +305,11 @@ def compare_experiment(
     if found is None:
         names = [e.name for e in client.search_experiments()]
         raise ValueError(f"no MLflow experiment {experiment!r} at {uri}; experiments there: {', '.join(names)}")
-    studies = client.search_runs(
-        [found.experiment_id], filter_string=f"tags.`{tracking.KIND_TAG}` = 'study'", order_by=["start_time DESC"]
+    studies = tracking.all_runs(
+        client,
+        found.experiment_id,
+        f"tags.`{tracking.KIND_TAG}` = '{tracking.RUN_KINDS['tune'][0]}'",
+        order_by=["start_time DESC"],
     )
     if not studies:
         raise ValueError(f"experiment {experiment!r} has no fisher-scale study runs")
@@ -318,7 +321,9 @@ def compare_experiment(
         records = equal_budget(records)
     rows = comparison_table(records, metric, mode, target, reference=newest.tags.get(tracking.REFERENCE_TAG))
     searched = sorted({key for run in studies for key in run.data.tags.get("searched", "").split(",") if key})
-    run = client.create_run(found.experiment_id, run_name="compare", tags={tracking.KIND_TAG: "compare"})
+    run = client.create_run(
+        found.experiment_id, run_name=tracking.COMPARE_KIND, tags={tracking.KIND_TAG: tracking.COMPARE_KIND}
+    )
     tracking.log_params(
         client, run.info.run_id, {"metric": metric, "mode": mode, "target": target, "equal_budget": equal}
     )
@@ -330,3 +335,17 @@ def compare_experiment(
     setup = {key: newest.params[key] for key in SETUP_KEYS if key in newest.params}
     seeds = sorted({record.params.get("seed", "?") for record in records}, key=lambda seed: (len(seed), seed))
     return Comparison(metric, mode, len(records), rows, run.info.run_id, uri, setup, seeds, plots)
+
+
+def rows_table(title: str, rows: list[dict[str, Any]], metric: str) -> Any:
+    """The comparison's rows (:func:`comparison_table`) as a terminal table; the title names the metric, so the
+    headers do not repeat it."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in rows[0] if rows else ():
+        header = column.replace(f" {metric}", "")
+        table.add_column(header, justify="left" if column == "arm" else "right", no_wrap=column in ("arm", "verdict"))
+    for row in rows:
+        table.add_row(*("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+    return table

@@ -7,14 +7,8 @@ import difflib
 import re
 from typing import Any
 
-from fisher_scale.config import ConfigError, Dimension, ExperimentConfig, flatten, with_values
-
-#: config sections a study cannot search (they describe the study itself)
-_NOT_SEARCHABLE = ("tune.", "scale.", "tracking.", "name")
-
-
-def searchable_keys() -> list[str]:
-    return sorted(k for k in flatten(ExperimentConfig()) if not k.startswith(_NOT_SEARCHABLE))
+from fisher_scale.config import ConfigError, Dimension, ExperimentConfig, searchable_keys, with_values
+from fisher_scale.study.callbacks import replicate_key
 
 
 def study_spaces(cfg: ExperimentConfig) -> dict[str, tuple[ExperimentConfig, dict[str, Dimension]]]:
@@ -42,16 +36,6 @@ def study_spaces(cfg: ExperimentConfig) -> dict[str, tuple[ExperimentConfig, dic
     return _with_seeds(studies, tune.seeds) if tune.seeds is not None else studies
 
 
-#: how a study key names its replicate under ``tune.seeds``: ``<label>/seed<n>`` (labels hold no slash)
-_REPLICATE = "/seed"
-
-
-def split_study_key(key: str) -> tuple[str, str | None]:
-    """A study key's label (what ``compare`` groups by) and replicate (``seed<n>``, None without ``tune.seeds``)."""
-    label, mark, seed = key.rpartition(_REPLICATE)
-    return (label, f"seed{seed}") if mark else (key, None)
-
-
 def _with_seeds(
     studies: dict[str, tuple[ExperimentConfig, dict[str, Dimension]]], seeds: list[int]
 ) -> dict[str, tuple[ExperimentConfig, dict[str, Dimension]]]:
@@ -63,7 +47,7 @@ def _with_seeds(
     if searched:
         raise ConfigError(f"tune.space.seed: searched in study {searched[0]} and fixed per replicate by tune.seeds")
     return {
-        f"{label}{_REPLICATE}{seed}": (with_values(base, {"seed": seed}, origin="tune.seeds"), space)
+        replicate_key(label, seed): (with_values(base, {"seed": seed}, origin="tune.seeds"), space)
         for label, (base, space) in studies.items()
         for seed in seeds
     }

@@ -16,10 +16,9 @@ from typing import Any
 from ray.tune.search.optuna import OptunaSearch
 
 from fisher_scale import tracking
-from fisher_scale.config import ConfigError, ExperimentConfig
-from fisher_scale.tune.callbacks import STUDY_KEY, trial_values
-from fisher_scale.tune.concurrent import StudiesScheduler, StudiesSearch
-from fisher_scale.tune.experiment import (
+from fisher_scale.config import ConfigError, ExperimentConfig, TuneConfig
+from fisher_scale.study.callbacks import STUDY_KEY, split_study_key, trial_values
+from fisher_scale.study.experiment import (
     StudyState,
     finish_study,
     fit_tuner,
@@ -28,7 +27,8 @@ from fisher_scale.tune.experiment import (
     start_cluster,
     storage_filesystem,
 )
-from fisher_scale.tune.space import check_study, optuna_distributions, resource_configs, split_study_key
+from fisher_scale.tune.concurrent import StudiesScheduler, StudiesSearch
+from fisher_scale.tune.space import check_study, optuna_distributions, resource_configs
 
 
 class EvalStepOptunaSearch(OptunaSearch):
@@ -241,3 +241,22 @@ def _finish(client: Any, state: StudyState, cfg: ExperimentConfig, root: str) ->
         plots = Path(tmp) if "://" in root else Path(root) / state.study / "plots"
         state.comparison = study_report(client, state, cfg, plots_dir=plots)
     finish_study(root, state)
+
+
+def best_table(state: StudyState, tune: TuneConfig) -> Any:
+    """The terminal table of each study's best trial: its values and, where there are any, the importances."""
+    from rich.table import Table
+
+    table = Table(title=f"{state.study}: best trial per study ({tune.metric}, {tune.mode})")
+    ranked = any(best.get("importances") for best in state.best.values())  # a column only where there are some
+    for column in ("study", "trial", tune.metric, "values", *(("importance",) if ranked else ())):
+        table.add_column(column)
+    for label, best in state.best.items():
+        values = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.get("config", {}).items()
+        )
+        importance = ", ".join(f"{k} {v:.2f}" for k, v in best.get("importances", {}).items()) or "-"
+        metric = best.get("metric")
+        cells = [label, best.get("trial_id", "-"), "-" if metric is None else f"{metric:.4g}", values]
+        table.add_row(*cells, *((importance,) if ranked else ()))
+    return table

@@ -40,10 +40,6 @@ from fisher_scale.train.launcher import (
 TRIAL_RESOURCES = {"node:__internal_head__": 0.001}
 
 
-#: the MLflow ``fisher_scale.kind`` of a command's parent run and of its child runs
-RUN_KINDS = {"tune": ("study", "trial"), "scale": ("scale", "point")}
-
-
 class StudyInterrupted(RuntimeError):
     """The study stopped before all trials finished (Ctrl+C); ``--resume`` continues it."""
 
@@ -112,7 +108,7 @@ def run_trial(values: dict[str, Any], bases: dict[str, dict[str, Any]] | None = 
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from fisher_scale.tune.callbacks import trial_config
+    from fisher_scale.study.callbacks import trial_config
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(bases or {}, values, trial_id)
@@ -156,7 +152,7 @@ def open_study(
         run = client.create_run(
             experiment,
             run_name=study,
-            tags={tracking.STUDY_TAG: study, tracking.KIND_TAG: RUN_KINDS[kind][0], **(tags or {})},
+            tags={tracking.STUDY_TAG: study, tracking.KIND_TAG: tracking.RUN_KINDS[kind][0], **(tags or {})},
         )
         params = {k: v for k, v in flatten(cfg).items() if not k.startswith("tracking.")}
         tracking.log_params(client, run.info.run_id, params)
@@ -201,7 +197,7 @@ def make_tuner(
     storage (callbacks and search state included)."""
     from ray import tune
 
-    from fisher_scale.tune.callbacks import MlflowTrials, TrialTable
+    from fisher_scale.study.callbacks import MlflowTrials, TrialTable
 
     study_root = f"{root}/{state.study}"
     bases_json = {label: base.model_dump(mode="json") for label, base in bases.items()}
@@ -217,7 +213,7 @@ def make_tuner(
             state.parent_run_id,
             state.study,
             bases_json,
-            kind=RUN_KINDS[state.kind][1],
+            kind=tracking.RUN_KINDS[state.kind][1],
         ),
         TrialTable(state.study, metric, mode, keys, studies=len(bases) > 1),
     ]
@@ -247,22 +243,17 @@ def fit_tuner(tuner: Any, state: StudyState, expected: int) -> Any:
 def ended_trials(client: Any, state: StudyState) -> int:
     """Trials that completed, were stopped early or failed. Tune marks the trials it stops on Ctrl+C as
     terminated too (its saved state still says running), so count the child runs closed by our callback."""
-    runs = client.search_runs(
-        [state.experiment_id],
-        filter_string=f"tags.`{tracking.STUDY_TAG}` = '{state.study}' "
-        f"and tags.`{tracking.KIND_TAG}` = '{RUN_KINDS[state.kind][1]}' and attributes.status != 'RUNNING'",
-        max_results=10000,
+    query = (
+        f"tags.`{tracking.STUDY_TAG}` = '{state.study}' "
+        f"and tags.`{tracking.KIND_TAG}` = '{tracking.RUN_KINDS[state.kind][1]}' and attributes.status != 'RUNNING'"
     )
-    return len(runs)
+    return len(tracking.all_runs(client, state.experiment_id, query))
 
 
 def close_unfinished(client: Any, state: StudyState, status: str) -> None:
     """Runs of trials Tune killed stay RUNNING in MLflow unless closed; the parent too."""
-    runs = client.search_runs(
-        [state.experiment_id],
-        filter_string=f"tags.`{tracking.STUDY_TAG}` = '{state.study}' and attributes.status = 'RUNNING'",
-    )
-    for run in runs:
+    query = f"tags.`{tracking.STUDY_TAG}` = '{state.study}' and attributes.status = 'RUNNING'"
+    for run in tracking.all_runs(client, state.experiment_id, query):
         client.set_terminated(run.info.run_id, status=status)
 
 

@@ -15,7 +15,6 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from fisher_scale import tracking
 from fisher_scale.config import ExperimentConfig, with_values
-from fisher_scale.tune.space import split_study_key
 
 #: keys Tune adds to every result, not training metrics
 _TUNE_KEYS = {*AUTO_RESULT_KEYS, "trial_id", "done", "config", "checkpoint_dir_name", "should_checkpoint"}
@@ -23,6 +22,21 @@ _TUNE_KEYS = {*AUTO_RESULT_KEYS, "trial_id", "done", "config", "checkpoint_dir_n
 
 #: the trial config key naming the trial's study (its label) when one Tune experiment runs several
 STUDY_KEY = "study"
+
+
+#: how a study key names its replicate under ``tune.seeds``: ``<label>/seed<n>`` (labels hold no slash)
+_REPLICATE = "/seed"
+
+
+def replicate_key(label: str, seed: int) -> str:
+    """The key of study ``label``'s replicate with this seed."""
+    return f"{label}{_REPLICATE}{seed}"
+
+
+def split_study_key(key: str) -> tuple[str, str | None]:
+    """A study key's label (what ``compare`` groups by) and replicate (``seed<n>``, None without ``tune.seeds``)."""
+    label, mark, seed = key.rpartition(_REPLICATE)
+    return (label, f"seed{seed}") if mark else (key, None)
 
 
 def trial_values(config: dict[str, Any]) -> dict[str, Any]:
@@ -67,7 +81,13 @@ class MlflowTrials(Callback):
     ``outcome`` (:func:`trial_outcome` of its latest report)."""
 
     def __init__(
-        self, uri: str, experiment_id: str, parent_run_id: str, study: str, bases: dict[str, dict], kind: str = "trial"
+        self,
+        uri: str,
+        experiment_id: str,
+        parent_run_id: str,
+        study: str,
+        bases: dict[str, dict],
+        kind: str = tracking.RUN_KINDS["tune"][1],
     ) -> None:
         self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
         self.study, self.bases, self.kind = study, bases, kind
