@@ -60,7 +60,7 @@ class Lora:
     """PEFT LoRA settings (the names follow ``peft.LoraConfig``)."""
 
     rank: int = 8
-    alpha: int = 16
+    alpha: float = 16
     dropout: float = 0.0
     target_modules: tuple[str, ...] = field(default=("q_proj", "k_proj", "v_proj", "o_proj"))
 

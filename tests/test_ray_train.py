@@ -14,6 +14,7 @@ import pytest
 
 from fisher_scale.config import build_config
 from fisher_scale.train.launcher import run_training
+from fisher_scale.train.metrics import reported_metrics
 
 from .test_distributed import DATA, adapter, experiment, max_relative_difference
 
@@ -59,6 +60,9 @@ def test_two_worker_run_writes_adapter_result_and_metrics(ray_session: None, tmp
     assert (tmp_path / "fit" / "mask.safetensors").is_file()
     history = [json.loads(line) for line in (tmp_path / "fit" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in history] == [3, 6] and history[-1]["loss"] == summary["metrics"]["loss"]
+    # the catalogue names exactly what the loop reports, per-block mask fractions aside (they depend on the model)
+    written = {key for report in history for key in report if not key.startswith("mask/kept/block/")}
+    assert written == reported_metrics(cfg)
 
 
 def _kill_a_worker_after_first_checkpoint(storage: Path, run: str, done: threading.Event) -> list[int]:

@@ -104,6 +104,10 @@ def test_metric_that_training_never_reports_is_an_error() -> None:
         check_study(build_config({"optimizer": {"name": "adamw"}, "tune": {"metric": "curvature_contrast/median"}}))
     cfg = build_config({"data": {"dataset": "glue/mrpc"}, "tune": {"metric": "glue/mrpc/f1", "mode": "max"}})
     check_study(cfg)  # MRPC reports F1
+    masked = {"mask": {"enabled": True}, "tune": {"metric": "mask/kept/lora_A", "mode": "max"}}
+    check_study(build_config(masked))  # a masked run reports its kept fractions
+    with pytest.raises(ConfigError, match="'mask/kept/lora_A' is never reported"):
+        check_study(build_config({**masked, "mask": {"enabled": False}}))
 
 
 def test_asha_needs_the_metric_before_its_grace_period() -> None:

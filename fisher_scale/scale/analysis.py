@@ -14,16 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from fisher_scale.config import ScaleConfig
+from fisher_scale.train import metrics as metric
+from fisher_scale.train.profile import PHASES
 
 SIZE, WORKERS = "model.name", "distributed.num_workers"
 #: per-step quantities averaged over the reports (the first report, with warm-up, is left out)
 STEP_MEANS = {
-    "tokens_per_s": "tokens_per_s",
-    "step_time_s": "step_time_s",
-    "forward_s": "time/forward_s",
-    "backward_s": "time/backward_s",
-    "optimizer_s": "time/optimizer_s",
-    "comm_s": "time/comm_s",
+    "tokens_per_s": metric.TOKENS_PER_S,
+    "step_time_s": metric.STEP_TIME,
+    **{f"{phase}_s": metric.phase_time(phase) for phase in (*PHASES, "comm")},
 }
 
 
@@ -66,7 +65,7 @@ def sessions(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dic
         if restart:
             kept = [(r, first) for r, first in kept if r.get("step") is None or r["step"] < step]
         kept.append((row, restart or len(kept) == 0))
-    training = [(r, first) for r, first in kept if _number(r.get("step_time_s")) is not None]
+    training = [(r, first) for r, first in kept if _number(r.get(metric.STEP_TIME)) is not None]
     steady = [r for r, first in training if not first]
     return [r for r, _ in kept], steady or [r for r, _ in training]
 
@@ -75,16 +74,17 @@ def summarize(grid: dict[str, Any], trial_id: str | None, rows: list[dict[str, A
     """A point's measures from its reports in order (Tune's ``metrics_dataframe`` rows, every session)."""
     result = PointResult(grid, trial_id)
     rows, steady = sessions(rows)
-    training = [r for r in rows if _number(r.get("step_time_s")) is not None]
+    training = [r for r in rows if _number(r.get(metric.STEP_TIME)) is not None]
     if not training:
         return result
     for name, key in STEP_MEANS.items():
         values = [v for r in steady if (v := _number(r.get(key))) is not None]
         setattr(result, name, statistics.fmean(values) if values else None)
-    result.parameters = int(training[-1]["model/parameters"]) if "model/parameters" in training[-1] else None
-    peaks = [v for r in training if (v := _number(r.get("memory/peak_bytes"))) is not None]
+    parameters = training[-1].get(metric.PARAMETERS)
+    result.parameters = int(parameters) if parameters is not None else None
+    peaks = [v for r in training if (v := _number(r.get(metric.PEAK_MEMORY))) is not None]
     result.peak_bytes = int(max(peaks)) if peaks else None
-    state = _number(training[-1].get("optimizer_state_bytes_per_rank"))
+    state = _number(training[-1].get(metric.STATE_BYTES))
     result.state_bytes = int(state) if state is not None else None
     evaluated = [r for r in rows if any(_number(r.get(k)) is not None for k in r if _is_eval(k))]
     if evaluated:
@@ -94,8 +94,8 @@ def summarize(grid: dict[str, Any], trial_id: str | None, rows: list[dict[str, A
         for row in evaluated:
             loss = next((_number(row[k]) for k in row if _is_eval(k) and k.endswith("/loss")), None)
             if loss is not None and loss <= target_loss:
-                result.steps_to_target = int(row["step"])
-                result.time_to_target_s = _number(row.get("time/train_s"))
+                result.steps_to_target = int(row[metric.STEP])
+                result.time_to_target_s = _number(row.get(metric.TRAIN_TIME))
                 break
     return result
 

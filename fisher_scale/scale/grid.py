@@ -16,6 +16,7 @@ from fisher_scale.config import ConfigError, ExperimentConfig, searchable_keys, 
 from fisher_scale.scale.analysis import Fit, PointResult, describe, fit_exponents, plot_scaling, summarize
 from fisher_scale.study.experiment import StudyState, finish_study, fit_tuner, make_tuner, open_study, start_cluster
 from fisher_scale.train.launcher import check_resources, local_resources
+from fisher_scale.train.metrics import TOKENS_PER_S
 
 #: a grid key that is not a config key: the global batch, split as batch_size × workers × accumulation
 GLOBAL_BATCH = "global_batch"
@@ -131,7 +132,7 @@ def run_scale(
         tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=1),
         param_space={"point": tune.grid_search([point_cfg_values(p, c) for p, c in points])},
         keys=keys,
-        metric="tokens_per_s",
+        metric=TOKENS_PER_S,
         mode="max",
     )
     results = fit_tuner(tuner, state, len(points))

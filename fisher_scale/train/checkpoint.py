@@ -1,7 +1,7 @@
 """Checkpoints that do not depend on the number of workers.
 
 Optimizer state (moments, and Fisher factors) is stored per piece, keyed by parameter name and
-element range, so a run saved by N ranks resumes on M ranks: every rank reads all pieces and copies
+element range, so a run saved by N ranks resumes on M ranks: every rank maps all pieces and copies
 the ranges it owns now. Layout of a checkpoint directory:
 
     adapter/                 PEFT ``save_pretrained`` (or ``model.safetensors`` of the trainable weights)
@@ -48,11 +48,13 @@ def save_optimizer(directory: Path, rank: int, optimizer: torch.optim.Optimizer,
 
 
 def load_optimizer(directory: Path, rank: int, world: int, optimizer: torch.optim.Optimizer, pieces: PieceMap) -> None:
-    """Fill this rank's optimizer state from every saved rank's pieces (any number of saved ranks)."""
+    """Fill this rank's optimizer state from every saved rank's pieces (any number of saved ranks). The files are
+    read as tensors and plain containers only (no unpickled objects) and memory-mapped, so a rank reads the
+    ranges it copies, not every rank's state."""
     files = sorted(directory.glob("optimizer.rank*.pt"))
     if not files:
         raise FileNotFoundError(f"{directory} holds no optimizer.rank*.pt")
-    payloads = [torch.load(f, weights_only=False) for f in files]
+    payloads = [torch.load(f, weights_only=True, mmap=True) for f in files]
     by_name: dict[str, list[dict[str, Any]]] = {}
     for payload in payloads:
         for entry in payload["pieces"]:

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from fisher_scale.train.metrics import phase_time
+
 #: torch.distributed collectives that are timed
 COLLECTIVES = (
     "all_reduce",
@@ -125,8 +127,8 @@ class StepProfiler:
         moved = sum(self.statistics[p] for p in PHASES if p != "optimizer")
         seconds = {p: self.wall[p] - self.comm[p] - self.statistics[p] for p in PHASES if p != "optimizer"}
         seconds["optimizer"] = self.wall["optimizer"] - self.comm["optimizer"] + moved
-        metrics = {f"time/{p}_s": seconds[p] / self.steps for p in PHASES}
-        metrics["time/comm_s"] = sum(self.comm[p] for p in PHASES) / self.steps
+        metrics = {phase_time(p): seconds[p] / self.steps for p in PHASES}
+        metrics[phase_time("comm")] = sum(self.comm[p] for p in PHASES) / self.steps
         self.wall.clear()
         self.comm.clear()
         self.statistics.clear()

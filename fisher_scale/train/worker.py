@@ -20,11 +20,12 @@ from fisher_scale.masks import DEFAULT_HEAD, MaskSchedule, equal_budget_ratio, l
 from fisher_scale.optim import FisherOptimizer, build_optimizer, optimizer_state_bytes
 from fisher_scale.optim.distributor import all_reduce_numbers, from_engine
 from fisher_scale.train import checkpoint
+from fisher_scale.train import metrics as metric
 from fisher_scale.train.batches import StepBatches
 from fisher_scale.train.dataset import TrainingSet, scoring_share
 from fisher_scale.train.engine import deepspeed_config, init_distributed
 from fisher_scale.train.guard import NonFiniteGuard
-from fisher_scale.train.profile import PHASES, StepProfiler, peak_memory_bytes
+from fisher_scale.train.profile import StepProfiler, peak_memory_bytes
 from fisher_scale.train.schedule import learning_rate
 
 
@@ -189,33 +190,34 @@ class Run:
         loss_sum, tokens = all_reduce_numbers(loss_sum, tokens)
         self.guard.end_step(self.engine.was_step_applied(), loss_finite=math.isfinite(loss_sum))
         return {
-            "loss": loss_sum / items / self.world,
-            "lr": self._lr(step),
-            "step_time_s": elapsed,
-            "tokens_per_s": tokens / elapsed,
+            metric.LOSS: loss_sum / items / self.world,
+            metric.LR: self._lr(step),
+            metric.STEP_TIME: elapsed,
+            metric.TOKENS_PER_S: tokens / elapsed,
         }
 
     def _metrics(self, step: int, window: list[dict[str, float]]) -> dict[str, Any]:
         metrics: dict[str, Any] = {key: statistics.fmean(m[key] for m in window) for key in window[0]}
-        self.history.setdefault("first_loss", metrics["loss"])  # the mean over the first report's steps
-        metrics["diverged"] = float(diverged(self.history["first_loss"], metrics["loss"]))
-        metrics["loss"] = window[-1]["loss"]
-        metrics["step"] = step + 1
-        metrics["optimizer_state_bytes_per_rank"] = optimizer_state_bytes(self.optimizer)
-        metrics["skipped_steps"] = self.history["skipped_steps"] + self.guard.skipped
-        metrics["time/train_s"] = self.history["train_time_s"]
+        self.history.setdefault("first_loss", metrics[metric.LOSS])  # the mean over the first report's steps
+        metrics[metric.DIVERGED] = float(diverged(self.history["first_loss"], metrics[metric.LOSS]))
+        metrics[metric.LOSS] = window[-1][metric.LOSS]
+        metrics[metric.STEP] = step + 1
+        metrics[metric.STATE_BYTES] = optimizer_state_bytes(self.optimizer)
+        metrics[metric.SKIPPED_STEPS] = self.history["skipped_steps"] + self.guard.skipped
+        metrics[metric.TRAIN_TIME] = self.history["train_time_s"]
         metrics.update(self.profiler.take())
         (peak,) = all_reduce_numbers(peak_memory_bytes(self.cfg.distributed.use_gpu), op="max")
-        metrics["memory/peak_bytes"] = int(peak)
-        metrics["model/parameters"] = self.parameters
-        metrics["time/eval_s"] = self.history["eval_time_s"]
+        metrics[metric.PEAK_MEMORY] = int(peak)
+        metrics[metric.PARAMETERS] = self.parameters
+        metrics[metric.EVAL_TIME] = self.history["eval_time_s"]
         if isinstance(self.optimizer, FisherOptimizer):
             contrast = list(self.optimizer.curvature_contrast().values())
             if contrast:
-                metrics["curvature_contrast/median"] = statistics.median(contrast)
-                metrics["curvature_contrast/max"] = max(contrast)
+                metrics[metric.CONTRAST_MEDIAN] = statistics.median(contrast)
+                metrics[metric.CONTRAST_MAX] = max(contrast)
         if self.mask is not None and self.mask.report:
-            metrics.update({f"mask/{k}": v for k, v in self.mask.report.items() if not k.startswith("kept/param/")})
+            kept = {k: v for k, v in self.mask.report.items() if not k.startswith("kept/param/")}
+            metrics.update({f"{metric.MASK}{k}": v for k, v in kept.items()})
         return metrics
 
     def train(self) -> None:
@@ -275,20 +277,6 @@ class Run:
                 checkpoint.save_weights(directory / "adapter", self.model)
                 if self.mask is not None and self.mask.mask is not None:
                     save_mask(self.mask.mask, directory / "mask.safetensors")
-
-
-def reported_metrics(cfg: ExperimentConfig) -> set[str]:
-    """Every metric name a run of this config reports (sweeps check their target metric against it)."""
-    from fisher_scale.train.evaluation import eval_metric_names
-
-    names = {"loss", "lr", "step", "step_time_s", "tokens_per_s", "optimizer_state_bytes_per_rank"}
-    names |= {"skipped_steps", "diverged", "time/train_s", "time/eval_s", "memory/peak_bytes", "model/parameters"}
-    names |= eval_metric_names(cfg)
-    if cfg.train.profile:
-        names |= {f"time/{phase}_s" for phase in (*PHASES, "comm")}
-    if cfg.optimizer.name != "adamw":
-        names |= {"curvature_contrast/median", "curvature_contrast/max"}
-    return names
 
 
 def _is_number(value: object) -> bool:

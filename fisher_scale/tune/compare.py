@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fisher_scale import tracking
+from fisher_scale.train.metrics import LOSS, TRAIN_TIME
 
 
 @dataclass
@@ -59,7 +60,7 @@ def load_trials(client: Any, experiment_id: str, metric: str, study: str | None 
             run.info.start_time,
             dict(run.data.params),
         )
-        for key in {metric, "loss", "time/train_s"}:
+        for key in {metric, LOSS, TRAIN_TIME}:
             record.history[key] = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
         records.append(record)
     return records
@@ -151,7 +152,7 @@ def comparison_table(
             reached = [(step, r) for r in trials if (step := r.first_reaching(metric, target, mode)) is not None]
             if reached:
                 steps_to_target.append(min(step for step, _ in reached))
-                times = [r.history.get("time/train_s", {}).get(step) for step, r in reached]
+                times = [r.history.get(TRAIN_TIME, {}).get(step) for step, r in reached]
                 if any(t is not None for t in times):
                     time_to_target.append(min(t for t in times if t is not None))
         row: dict[str, Any] = {
@@ -201,7 +202,7 @@ def plot_comparison(records: list[TrialRecord], metric: str, searched: list[str]
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for record in records:
-        curve = record.history.get("loss", {})
+        curve = record.history.get(LOSS, {})
         if curve:
             steps = sorted(curve)
             ax.plot(steps, [curve[s] for s in steps], color=colors[record.arm], alpha=0.6)
@@ -227,7 +228,7 @@ def plot_comparison(records: list[TrialRecord], metric: str, searched: list[str]
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for record in records:
-        values, times = record.history.get(metric, {}), record.history.get("time/train_s", {})
+        values, times = record.history.get(metric, {}), record.history.get(TRAIN_TIME, {})
         steps = sorted(s for s in values if s in times)
         if steps:
             ax.plot([times[s] for s in steps], [values[s] for s in steps], "o-", color=colors[record.arm])
@@ -314,7 +315,7 @@ def compare_experiment(
     if not studies:
         raise ValueError(f"experiment {experiment!r} has no fisher-scale study runs")
     newest = studies[0].data
-    metric = metric or newest.params.get("tune.metric", "loss")
+    metric = metric or newest.params.get("tune.metric", LOSS)
     mode = mode or newest.params.get("tune.mode", "min")
     records = load_trials(client, found.experiment_id, metric)
     if equal:

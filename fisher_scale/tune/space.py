@@ -119,7 +119,7 @@ def check_space(label: str, base: ExperimentConfig, space: dict[str, Dimension])
 
 def check_study(cfg: ExperimentConfig) -> dict[str, tuple[ExperimentConfig, dict[str, Dimension]]]:
     """The studies of ``cfg``, after checking spaces, the target metric and early-stopping settings."""
-    from fisher_scale.train.worker import reported_metrics
+    from fisher_scale.train.metrics import reported_metrics
 
     tune = cfg.tune
     studies = study_spaces(cfg)
