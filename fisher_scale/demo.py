@@ -1,8 +1,8 @@
 """The optimizer demo: LoRA fine-tuning of a tiny byte-level causal LM on GSM8K text with each optimizer.
 
-It is the platform's main job until the sweep lands, and the harness that
-``bench/optimizer_overhead.py`` times. Every optimizer sees the same batches from the same
-initial weights, so the rows of its table are directly comparable.
+A quick look at the optimizers without Ray (``fisher-scale demo``; the main job is ``fisher-scale tune
+tune_configs/demo.yaml``) and the harness that ``bench/optimizer_overhead.py`` times. Every optimizer sees the
+same batches from the same initial weights, so the rows of its table are directly comparable.
 """
 
 from __future__ import annotations

@@ -83,12 +83,17 @@ def _with_arms(
     return armed
 
 
+#: where inside a continuous range the checks probe: a non-round fraction, so a uniform range on an int key gives
+#: a non-integer value there and is refused
+_INTERIOR = 0.37
+
+
 def _probe_values(dimension: Dimension) -> list[Any]:
     """The edges, and for continuous ranges a non-round interior point (catches ``uniform`` on an int key)."""
     values = list(dimension.edges())
     if dimension.kind in ("uniform", "loguniform"):
         low, high = dimension.edges()
-        values.append(low + 0.37 * (high - low))
+        values.append(low + _INTERIOR * (high - low))
     return values
 
 
