@@ -7,6 +7,7 @@ any Ray or DeepSpeed work starts. Errors name the offending key and what was exp
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -391,6 +392,7 @@ def flatten(config: BaseModel, prefix: str = "") -> dict[str, Any]:
 _NOT_SEARCHABLE = ("tune.", "scale.", "tracking.", "name")
 
 
-def searchable_keys() -> list[str]:
-    """The dotted keys a search space, an arm or a scaling grid may set."""
-    return sorted(k for k in flatten(ExperimentConfig()) if not k.startswith(_NOT_SEARCHABLE))
+@functools.cache
+def searchable_keys() -> tuple[str, ...]:
+    """The dotted keys a search space, an arm or a scaling grid may set (the schema's, built once)."""
+    return tuple(sorted(k for k in flatten(ExperimentConfig()) if not k.startswith(_NOT_SEARCHABLE)))

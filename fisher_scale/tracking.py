@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fisher_scale.config import ConfigError, ExperimentConfig
 
@@ -24,11 +24,20 @@ KIND_TAG = "fisher_scale.kind"
 PARENT_TAG = "mlflow.parentRunId"
 #: on a study's parent run: the arm every other is compared with (the first listed optimizer and arm)
 REFERENCE_TAG = "fisher_scale.reference"
-#: the ``KIND_TAG`` of a command's parent run and of its child runs; ``compare`` logs runs of its own kind
-RUN_KINDS = {"tune": ("study", "trial"), "scale": ("scale", "point")}
-COMPARE_KIND = "compare"
 #: on a trial run under ``tune.seeds``: its replicate (``seed<n>``), one repeated study for the statistics
 REPLICATE_TAG = "fisher_scale.replicate"
+
+
+class RunKinds(NamedTuple):
+    """The ``KIND_TAG`` of a study command's parent run and of its child runs."""
+
+    parent: str
+    child: str
+
+
+#: per study command; ``compare`` logs runs of its own kind
+RUN_KINDS = {"tune": RunKinds("study", "trial"), "scale": RunKinds("scale", "point")}
+COMPARE_KIND = "compare"
 
 
 def sqlite_url(url: str) -> str:

@@ -87,7 +87,7 @@ class MlflowTrials(Callback):
         parent_run_id: str,
         study: str,
         bases: dict[str, dict],
-        kind: str = tracking.RUN_KINDS["tune"][1],
+        kind: str = tracking.RUN_KINDS["tune"].child,
     ) -> None:
         self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
         self.study, self.bases, self.kind = study, bases, kind

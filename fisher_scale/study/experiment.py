@@ -152,7 +152,7 @@ def open_study(
         run = client.create_run(
             experiment,
             run_name=study,
-            tags={tracking.STUDY_TAG: study, tracking.KIND_TAG: tracking.RUN_KINDS[kind][0], **(tags or {})},
+            tags={tracking.STUDY_TAG: study, tracking.KIND_TAG: tracking.RUN_KINDS[kind].parent, **(tags or {})},
         )
         params = {k: v for k, v in flatten(cfg).items() if not k.startswith("tracking.")}
         tracking.log_params(client, run.info.run_id, params)
@@ -213,7 +213,7 @@ def make_tuner(
             state.parent_run_id,
             state.study,
             bases_json,
-            kind=tracking.RUN_KINDS[state.kind][1],
+            kind=tracking.RUN_KINDS[state.kind].child,
         ),
         TrialTable(state.study, metric, mode, keys, studies=len(bases) > 1),
     ]
@@ -245,7 +245,7 @@ def ended_trials(client: Any, state: StudyState) -> int:
     terminated too (its saved state still says running), so count the child runs closed by our callback."""
     query = (
         f"tags.`{tracking.STUDY_TAG}` = '{state.study}' "
-        f"and tags.`{tracking.KIND_TAG}` = '{tracking.RUN_KINDS[state.kind][1]}' and attributes.status != 'RUNNING'"
+        f"and tags.`{tracking.KIND_TAG}` = '{tracking.RUN_KINDS[state.kind].child}' and attributes.status != 'RUNNING'"
     )
     return len(tracking.all_runs(client, state.experiment_id, query))
 

@@ -47,7 +47,7 @@ class TrialRecord:
 
 def load_trials(client: Any, experiment_id: str, metric: str, study: str | None = None) -> list[TrialRecord]:
     """Every trial run of the experiment (or of one study) with the histories the comparison needs."""
-    query = f"tags.`{tracking.KIND_TAG}` = '{tracking.RUN_KINDS['tune'][1]}'"
+    query = f"tags.`{tracking.KIND_TAG}` = '{tracking.RUN_KINDS['tune'].child}'"
     if study:
         query += f" and tags.`{tracking.STUDY_TAG}` = '{study}'"
     records = []
@@ -309,7 +309,7 @@ def compare_experiment(
     studies = tracking.all_runs(
         client,
         found.experiment_id,
-        f"tags.`{tracking.KIND_TAG}` = '{tracking.RUN_KINDS['tune'][0]}'",
+        f"tags.`{tracking.KIND_TAG}` = '{tracking.RUN_KINDS['tune'].parent}'",
         order_by=["start_time DESC"],
     )
     if not studies:
@@ -338,6 +338,11 @@ def compare_experiment(
     return Comparison(metric, mode, len(records), rows, run.info.run_id, uri, setup, seeds, plots)
 
 
+def cell_text(value: Any) -> str:
+    """A comparison cell as text, in the terminal table and the report alike."""
+    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def rows_table(title: str, rows: list[dict[str, Any]], metric: str) -> Any:
     """The comparison's rows (:func:`comparison_table`) as a terminal table; the title names the metric, so the
     headers do not repeat it."""
@@ -348,5 +353,5 @@ def rows_table(title: str, rows: list[dict[str, Any]], metric: str) -> Any:
         header = column.replace(f" {metric}", "")
         table.add_column(header, justify="left" if column == "arm" else "right", no_wrap=column in ("arm", "verdict"))
     for row in rows:
-        table.add_row(*("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+        table.add_row(*(cell_text(value) for value in row.values()))
     return table

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from fisher_scale import tracking
-from fisher_scale.tune.compare import Comparison
-
-
-def _cell(value: Any) -> str:
-    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+from fisher_scale.tune.compare import Comparison, cell_text
 
 
 def markdown_report(experiment: str, comparison: Comparison) -> str:
@@ -22,7 +17,7 @@ def markdown_report(experiment: str, comparison: Comparison) -> str:
     if comparison.rows:
         columns = list(comparison.rows[0])
         lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in comparison.rows]
+        lines += ["| " + " | ".join(cell_text(row.get(c)) for c in columns) + " |" for row in comparison.rows]
     lines += [
         "",
         "The mean and its 95 % interval are over the studies' best trials (a percentile bootstrap); the verdict "
