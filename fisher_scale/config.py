@@ -7,13 +7,16 @@ any Ray or DeepSpeed work starts. Errors name the offending key and what was exp
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from fisher_scale.hyperparameters import HYPERPARAMETERS, hyperparameters_of
 
 
 class Section(BaseModel):
@@ -22,28 +25,48 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class OptimizerConfig(Section):
-    """``optimizer.*``: which optimizer and its hyperparameters (the learning rate is the top-level ``lr``)."""
+def _optimizer_field(spec: dataclasses.Field) -> tuple[Any, Any]:
+    """A pydantic field with a hyperparameter's default, valid values and meaning."""
+    choices = spec.metadata["choices"]
+    kind = Literal[choices] if choices is not None else {"float": float, "int": int}[spec.type]
+    return kind, Field(spec.default, description=spec.metadata["doc"], **spec.metadata["bounds"])
 
-    name: Literal["adamw", "adafisher", "adafisherw", "adafish"] = "adafisher"
-    beta: float = Field(0.9, ge=0, lt=1, description="momentum β (AdamW's β1)")
-    damping: float = Field(1e-3, gt=0, description="λ added to F̃")
-    ema_decay: float = Field(0.8, ge=0, lt=1, description="γ of the factor EMA")
-    ema_mode: Literal["convex", "official"] = "convex"
-    curvature_interval: int = Field(1, ge=1, description="statistics on steps k with k % T == 0")
-    weight_decay: float = Field(0.0, ge=0)
-    eps: float = Field(1e-8, gt=0, description="AdamW's ε (also in the Fisher optimizers' AdamW fallback)")
-    fallback: Literal["adamw", "official"] = "adamw"
-    max_full_dim: int = Field(64, ge=0, description="AdaFish: factor sides up to this size are full matrices")
+
+def _optimizer_fields() -> dict[str, tuple[Any, Any]]:
+    """Every optimizer's hyperparameters in one flat section (a study switches optimizers over one base config);
+    a key two optimizers share takes its first, widest definition (AdaFisher's ``ema_mode``, not AdaFish's)."""
+    fields: dict[str, tuple[Any, Any]] = {}
+    for cls in HYPERPARAMETERS.values():
+        for spec in dataclasses.fields(cls):
+            if spec.name != "lr":
+                fields.setdefault(spec.name, _optimizer_field(spec))
+    return fields
+
+
+class _OptimizerBase(Section):
+    name: Literal[tuple(HYPERPARAMETERS)] = "adafisher"  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _valid_for_the_optimizer(self) -> _OptimizerBase:
+        try:
+            hyperparameters_of(self.name, {k: v for k, v in self.hyperparameters(1.0).items() if k != "lr"})
+        except ValueError as error:
+            raise ValueError(f"{error} for {self.name}") from None
+        return self
 
     def hyperparameters(self, lr: float) -> dict[str, object]:
-        """The keyword arguments of ``fisher_scale.optim.build_optimizer`` for this optimizer."""
-        if self.name == "adamw":
-            return {"lr": lr, "beta": self.beta, "weight_decay": self.weight_decay, "eps": self.eps}
-        fisher = self.model_dump(exclude={"name", "max_full_dim"})
-        if self.name == "adafish":
-            fisher["max_full_dim"] = self.max_full_dim
-        return {"lr": lr, **fisher}
+        """The keyword arguments of ``fisher_scale.optim.build_optimizer``: only those this optimizer takes."""
+        taken = [spec.name for spec in dataclasses.fields(HYPERPARAMETERS[self.name])]
+        return {key: lr if key == "lr" else getattr(self, key) for key in taken}
+
+
+OptimizerConfig = create_model(
+    "OptimizerConfig",
+    __base__=_OptimizerBase,
+    __doc__="``optimizer.*``: which optimizer and its hyperparameters (``fisher_scale.hyperparameters``; the "
+    "learning rate is the top-level ``lr``).",
+    **_optimizer_fields(),
+)
 
 
 class MaskConfig(Section):

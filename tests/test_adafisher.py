@@ -388,7 +388,7 @@ def test_invalid_model_and_adafish_options() -> None:
         AdaFisher(frozen)
     with pytest.raises(TypeError, match="model must be the nn\\.Module"):
         AdaFisher(list(_mlp().parameters()))
-    with pytest.raises(ValueError, match=r"^ema_mode must be 'convex' for AdaFish"):
+    with pytest.raises(ValueError, match=r"^ema_mode must be 'convex', got 'official'"):
         AdaFish(_mlp(), ema_mode="official")
     with pytest.raises(ValueError, match=r"^max_full_dim must be"):
         AdaFish(_mlp(), max_full_dim=-1)

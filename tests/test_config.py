@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
-from fisher_scale.config import MaskConfig, OptimizerConfig
+from fisher_scale.config import ConfigError, MaskConfig, OptimizerConfig, load_config
+from fisher_scale.hyperparameters import markdown_table
 from fisher_scale.optim import AdaFish, AdaFisher, build_optimizer
 
 from .conftest import tiny_lora_qwen2
@@ -44,3 +47,35 @@ def test_optimizer_section_builds_the_named_optimizer() -> None:
     assert adamw.param_groups[0]["betas"] == (0.8, 0.999) and adamw.param_groups[0]["eps"] == 1e-5
     with pytest.raises(ValueError, match=r"adamw does not take \['damping'\]"):
         build_optimizer("adamw", model, lr=1e-3, damping=1e-3)
+
+
+def test_each_optimizer_receives_only_its_own_keys_and_its_own_defaults() -> None:
+    section = OptimizerConfig(damping=0.05, max_full_dim=8)
+    assert set(section.model_copy(update={"name": "adamw"}).hyperparameters(0.1)) == {
+        "lr",
+        "beta",
+        "eps",
+        "weight_decay",
+    }
+    assert "max_full_dim" not in section.hyperparameters(0.1)  # adafisher keeps every side diagonal
+    model = tiny_lora_qwen2()
+    full = {cls: [n for n, layer in cls(model).curvature.layers.items() if layer.full_in or layer.full_out]
+            for cls in (AdaFisher, AdaFish)}  # fmt: skip
+    assert not full[AdaFisher] and full[AdaFish] and all("lora_" in name for name in full[AdaFish])
+    with pytest.raises(TypeError, match="max_full_dim"):
+        AdaFisher(model, max_full_dim=8)
+
+
+def test_a_value_valid_for_one_optimizer_only_is_refused_for_the_other(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optimizer:\n  name: adafish\n  ema_mode: official\n")
+    with pytest.raises(ConfigError, match=r"optimizer: .*ema_mode must be 'convex', got 'official' for adafish"):
+        load_config(bad)
+    assert load_config(bad, ["optimizer.name=adafisher"]).optimizer.ema_mode == "official"
+
+
+def test_the_readme_optimizer_table_is_the_hyperparameter_classes() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert markdown_table() in readme, "paste fisher_scale.hyperparameters.markdown_table() into the README:\n" + (
+        markdown_table()
+    )

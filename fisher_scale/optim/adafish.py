@@ -15,7 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from fisher_scale.optim.adafisher import ADAMW_EPS, FisherOptimizer, _check
+from fisher_scale.hyperparameters import AdaFishHyperparameters
+from fisher_scale.optim.adafisher import FisherOptimizer
 from fisher_scale.optim.curvature import Factor, LayerCurvature
 from fisher_scale.optim.distributor import all_reduce
 from fisher_scale.optim.layers import full_numel, full_shape
@@ -49,35 +50,7 @@ class AdaFish(FisherOptimizer):
 
     decoupled = True
 
-    def __init__(
-        self,
-        model: nn.Module,
-        lr: float = 1e-3,
-        beta: float = 0.9,
-        damping: float = 1e-3,
-        ema_decay: float = 0.8,
-        ema_mode: str = "convex",
-        curvature_interval: int = 1,
-        weight_decay: float = 0.0,
-        fallback: str = "adamw",
-        eps: float = ADAMW_EPS,
-        max_full_dim: int = 64,
-    ) -> None:
-        _check(ema_mode == "convex", "ema_mode", "'convex' for AdaFish (it has no reference code)", ema_mode)
-        _check(isinstance(max_full_dim, int) and max_full_dim >= 0, "max_full_dim", "an integer >= 0", max_full_dim)
-        super().__init__(
-            model,
-            lr,
-            beta,
-            damping,
-            ema_decay,
-            ema_mode,
-            curvature_interval,
-            weight_decay,
-            fallback,
-            eps,
-            max_full_dim=max_full_dim,
-        )
+    hyperparameter_class = AdaFishHyperparameters
 
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         present = {id(t) for group in self.param_groups for t in group["params"]}

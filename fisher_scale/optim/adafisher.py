@@ -18,19 +18,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from fisher_scale.optim.curvature import EMA_MODES, CurvatureTracker, LayerCurvature
+from fisher_scale.hyperparameters import ADAMW_BETA2, AdaFisherHyperparameters
+from fisher_scale.optim.curvature import CurvatureTracker, LayerCurvature
 from fisher_scale.optim.distributor import Distributor
 from fisher_scale.optim.layers import ParamSlot
 from fisher_scale.optim.pieces import Piece
-
-FALLBACKS = ("adamw", "official")
-#: AdamW's β2 and default ε, in ``adamw`` and in the Fisher optimizers' AdamW fallback
-ADAMW_BETA2, ADAMW_EPS = 0.999, 1e-8
-
-
-def _check(ok: bool, name: str, expected: str, value: object) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -68,41 +60,28 @@ class FisherOptimizer(torch.optim.Optimizer):
 
     decoupled: ClassVar[bool] = False
 
-    def __init__(
-        self,
-        model: nn.Module,
-        lr: float = 1e-3,
-        beta: float = 0.9,
-        damping: float = 1e-3,
-        ema_decay: float = 0.8,
-        ema_mode: str = "convex",
-        curvature_interval: int = 1,
-        weight_decay: float = 0.0,
-        fallback: str = "adamw",
-        eps: float = ADAMW_EPS,
-        *,
-        max_full_dim: int = 0,
-    ) -> None:
-        _check(lr >= 0, "lr", ">= 0", lr)
-        _check(0 <= beta < 1, "beta", "in [0, 1)", beta)
-        _check(damping > 0, "damping", "> 0 (the normalised factors contain zeros)", damping)
-        _check(0 <= ema_decay < 1, "ema_decay", "in [0, 1)", ema_decay)
-        _check(ema_mode in EMA_MODES, "ema_mode", f"one of {EMA_MODES}", ema_mode)
-        _check(
-            isinstance(curvature_interval, int) and curvature_interval >= 1,
-            "curvature_interval",
-            "an integer >= 1",
-            curvature_interval,
-        )
-        _check(weight_decay >= 0, "weight_decay", ">= 0", weight_decay)
-        _check(fallback in FALLBACKS, "fallback", f"one of {FALLBACKS}", fallback)
-        _check(eps > 0, "eps", "> 0", eps)
+    #: the hyperparameters this optimizer takes, with their defaults and valid values
+    hyperparameter_class: ClassVar[type[AdaFisherHyperparameters]] = AdaFisherHyperparameters
+
+    def __init__(self, model: nn.Module, **hyperparameters: object) -> None:
+        """``model``'s trainable parameters, with the keyword arguments of :attr:`hyperparameter_class`
+        (``lr``, ``beta``, ``damping``, ``ema_decay``, ...; README's optimizer table). A bad value is a
+        ``ValueError`` naming the argument; an unknown one a ``TypeError``."""
+        settings = self.hyperparameter_class(**hyperparameters)
         params = trainable_parameters(model)
-        super().__init__(params, {"lr": lr, "beta": beta, "weight_decay": weight_decay, "eps": eps})
-        self.damping = damping
-        self.fallback = fallback
+        super().__init__(
+            params,
+            {"lr": settings.lr, "beta": settings.beta, "weight_decay": settings.weight_decay, "eps": settings.eps},
+        )
+        self.hyperparameters = settings
+        self.damping = settings.damping
+        self.fallback = settings.fallback
         self.curvature = CurvatureTracker(
-            model, ema_decay=ema_decay, ema_mode=ema_mode, interval=curvature_interval, max_full_dim=max_full_dim
+            model,
+            ema_decay=settings.ema_decay,
+            ema_mode=settings.ema_mode,
+            interval=settings.curvature_interval,
+            max_full_dim=getattr(settings, "max_full_dim", 0),
         )
         self._layer_of: dict[nn.Parameter, tuple[LayerCurvature, ParamSlot]] = {
             slot.param: (layer, slot) for layer in self.curvature.layers.values() for slot in layer.slots

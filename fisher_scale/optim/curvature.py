@@ -21,8 +21,6 @@ from torch import Tensor, nn
 from fisher_scale.optim.distributor import all_reduce, all_reduce_numbers, rank_world
 from fisher_scale.optim.layers import LayerRule, ParamSlot, Stat, find_rules, full_shape
 
-EMA_MODES = ("convex", "official")
-
 
 def min_max(x: Tensor) -> Tensor:
     """``(x - min) / (max - min + 1e-6)`` after replacing +inf by 1 and -inf by 0 (§1.2)."""

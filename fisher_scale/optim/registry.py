@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
+from fisher_scale.hyperparameters import ADAMW_BETA2, hyperparameters_of
 from fisher_scale.optim.adafish import AdaFish
-from fisher_scale.optim.adafisher import (
-    ADAMW_BETA2,
-    ADAMW_EPS,
-    AdaFisher,
-    AdaFisherW,
-    FisherOptimizer,
-    trainable_parameters,
-)
+from fisher_scale.optim.adafisher import AdaFisher, AdaFisherW, FisherOptimizer, trainable_parameters
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW,
@@ -26,30 +18,19 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 
 
 def build_optimizer(name: str, model: nn.Module, **hyperparameters: object) -> torch.optim.Optimizer:
-    """``name`` (adamw | adafisher | adafisherw | adafish) over the trainable parameters of ``model``.
-
-    AdamW takes ``lr``, ``beta`` (its β1; β2 = 0.999), ``eps`` and ``weight_decay``; the Fisher
-    optimizers take their constructor's arguments. Any other key is an error.
-    """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer name must be one of {sorted(OPTIMIZERS)}, got {name!r}")
-    if name == "adamw":
-        unknown = set(hyperparameters) - {"lr", "beta", "eps", "weight_decay"}
-        if unknown:
-            raise ValueError(f"adamw does not take {sorted(unknown)} (only lr, beta, eps, weight_decay)")
-        return torch.optim.AdamW(
-            trainable_parameters(model),
-            lr=float(hyperparameters.get("lr", 1e-3)),
-            betas=(float(hyperparameters.get("beta", 0.9)), ADAMW_BETA2),
-            eps=float(hyperparameters.get("eps", ADAMW_EPS)),
-            weight_decay=float(hyperparameters.get("weight_decay", 0.0)),
-        )
-    cls = OPTIMIZERS[name]
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "model"}
-    unknown = set(hyperparameters) - accepted
-    if unknown:
-        raise ValueError(f"{name} does not take {sorted(unknown)} (it takes {sorted(accepted)})")
-    return cls(model, **hyperparameters)
+    """``name`` (adamw | adafisher | adafisherw | adafish) over the trainable parameters of ``model``, with that
+    optimizer's hyperparameters (``fisher_scale.hyperparameters``: AdamW's ``lr``, ``beta`` (β1; β2 = 0.999),
+    ``eps``, ``weight_decay``; the Fisher optimizers' add damping, EMA, ...). Any other key is an error."""
+    settings = hyperparameters_of(name, hyperparameters)
+    if name != "adamw":
+        return OPTIMIZERS[name](model, **settings.as_dict())
+    return torch.optim.AdamW(
+        trainable_parameters(model),
+        lr=settings.lr,
+        betas=(settings.beta, ADAMW_BETA2),
+        eps=settings.eps,
+        weight_decay=settings.weight_decay,
+    )
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
