@@ -78,6 +78,15 @@ def test_per_optimizer_studies_fix_the_optimizer_and_merge_overrides() -> None:
     assert distributions["lr"].log and distributions["optimizer.damping"].high == 1e-1
 
 
+def test_a_study_searches_only_the_optimizer_keys_its_optimizer_takes() -> None:
+    default = build_config({"tune": {"optimizers": {"adamw": {}, "adafisher": {}}}})
+    studies = study_spaces(default)
+    assert set(studies["adamw"][1]) == {"lr", "peft.rank", "mask.ratio"}
+    assert {"optimizer.damping", "optimizer.ema_decay"} <= set(studies["adafisher"][1])
+    fixed = study_spaces(build_config({"optimizer": {"name": "adamw"}}))
+    assert set(fixed["adamw"][1]) == {"lr", "peft.rank", "mask.ratio"}
+
+
 @pytest.mark.parametrize(
     ("space", "message"),
     [

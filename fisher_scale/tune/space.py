@@ -7,26 +7,28 @@ import difflib
 import re
 from typing import Any
 
-from fisher_scale.config import ConfigError, Dimension, ExperimentConfig, searchable_keys, with_values
+from fisher_scale.config import ConfigError, Dimension, ExperimentConfig, OptimizerConfig, searchable_keys, with_values
 from fisher_scale.study.callbacks import replicate_key
 
 
 def study_spaces(cfg: ExperimentConfig) -> dict[str, tuple[ExperimentConfig, dict[str, Dimension]]]:
     """One (base config, space) per Optuna study: per listed optimizer (``tune.optimizers``, optimizer
-    fixed, overrides applied, ``null`` drops a key), else one study labelled by the optimizer name
-    (or ``searched`` when ``optimizer.name`` is itself a dimension); with ``tune.arms`` each of those
+    fixed, overrides applied, ``null`` drops a key), else one study labelled by the optimizer name (or
+    ``searched`` when ``optimizer.name`` is itself a dimension), a fixed optimizer's space without the keys it
+    does not take; with ``tune.arms`` each of those
     once per arm, its values fixed, labelled ``<optimizer>-<arm>``; with ``tune.seeds`` each of those once
     per seed, keyed ``<label>/seed<n>``."""
     tune = cfg.tune
     if tune.optimizers is None:
-        label = "searched" if "optimizer.name" in tune.space else cfg.optimizer.name
-        studies = {label: (cfg, dict(tune.space))}
+        searched = "optimizer.name" in tune.space
+        space = dict(tune.space) if searched else _taken_by(cfg.optimizer.name, tune.space)
+        studies = {"searched" if searched else cfg.optimizer.name: (cfg, space)}
     elif "optimizer.name" in tune.space:
         raise ConfigError("tune.space.optimizer.name: drop it, tune.optimizers already fixes one optimizer per study")
     else:
         studies = {}
         for name, overrides in tune.optimizers.items():
-            space = {k: v for k, v in {**tune.space, **overrides}.items() if v is not None}
+            space = _taken_by(name, {k: v for k, v in {**tune.space, **overrides}.items() if v is not None})
             base = with_values(cfg, {"optimizer.name": name}, origin=f"tune.optimizers.{name}")
             studies[name] = (base, space)
     if tune.arms is not None:
@@ -34,6 +36,13 @@ def study_spaces(cfg: ExperimentConfig) -> dict[str, tuple[ExperimentConfig, dic
             raise ConfigError("tune.arms: an arm cannot set optimizer.name when tune.optimizers fixes one per study")
         studies = _with_arms(studies, tune.arms)
     return _with_seeds(studies, tune.seeds) if tune.seeds is not None else studies
+
+
+def _taken_by(optimizer: str, space: dict[str, Dimension]) -> dict[str, Dimension]:
+    """``space`` without the ``optimizer.*`` keys ``optimizer`` does not take (AdamW has no damping to search)."""
+    taken = set(OptimizerConfig(name=optimizer).hyperparameters(lr=0.0))
+    unused = {f"optimizer.{key}" for key in OptimizerConfig.model_fields if key not in taken | {"name"}}
+    return {k: v for k, v in space.items() if k not in unused}
 
 
 def _with_seeds(
