@@ -163,7 +163,13 @@ def log_metrics(mlflow_client: Any, run_id: str, metrics: Mapping[str, Any], ste
 
 
 def run_params(cfg: ExperimentConfig) -> dict[str, Any]:
-    """A trial's params: the flattened resolved config without the study's own sections."""
+    """A trial's params: the flattened resolved config without the study's own sections and without the
+    ``optimizer.*`` keys its optimizer does not take (an AdamW run used no damping)."""
     from fisher_scale.config import flatten
 
-    return {k: v for k, v in flatten(cfg).items() if not k.startswith(("tune.", "scale.", "tracking."))}
+    taken = {f"optimizer.{key}" for key in cfg.optimizer.hyperparameters(cfg.lr)} | {"optimizer.name"}
+    return {
+        k: v
+        for k, v in flatten(cfg).items()
+        if not k.startswith(("tune.", "scale.", "tracking.")) and (not k.startswith("optimizer.") or k in taken)
+    }

@@ -79,3 +79,15 @@ def test_the_readme_optimizer_table_is_the_hyperparameter_classes() -> None:
     assert markdown_table() in readme, "paste fisher_scale.hyperparameters.markdown_table() into the README:\n" + (
         markdown_table()
     )
+
+
+def test_a_run_logs_only_the_optimizer_keys_its_optimizer_used() -> None:
+    from fisher_scale.config import build_config
+    from fisher_scale.tracking import run_params
+
+    adamw = run_params(build_config({"optimizer": {"name": "adamw", "beta": 0.8}}))
+    assert adamw["optimizer.name"] == "adamw" and adamw["optimizer.beta"] == 0.8
+    assert not {"optimizer.damping", "optimizer.ema_decay", "optimizer.max_full_dim"} & set(adamw)
+    adafisher = run_params(build_config({}))
+    assert adafisher["optimizer.damping"] == 1e-3 and "optimizer.max_full_dim" not in adafisher
+    assert "tune.space" not in adafisher and "lr" in adafisher
