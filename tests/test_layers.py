@@ -22,6 +22,7 @@ LAYERS = {
     "data": 2,
     "eval": 2,
     "tracking": 3,
+    "tasks": 3,
     "train": 4,
     "demo": 4,
     "study": 5,

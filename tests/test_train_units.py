@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from fisher_scale.config import ConfigError, build_config, load_config
 from fisher_scale.train.batches import StepBatches
@@ -280,3 +281,65 @@ def test_scoring_examples_split_over_ranks_cover_every_sample_once() -> None:
     assert [len(scoring_share(1024, rank, 3)) for rank in range(3)] == [341, 341, 342]
     with pytest.raises(ConfigError, match=r"mask\.samples=2 is below distributed\.num_workers=3"):
         build_config({"mask": {"enabled": True, "samples": 2}, "distributed": {"num_workers": 3}})
+
+
+def test_the_dataset_is_checked_before_ray_starts() -> None:
+    """An unknown dataset (before: trained as GSM8K), an unknown GLUE task and GSM8K under a classifier are config
+    errors that name the key, raised by the pre-Ray path check."""
+    from fisher_scale.train.launcher import resolve_paths
+
+    for dataset, message in [
+        ("sst2", r"data\.dataset must be gsm8k or glue/<task> .*got 'sst2'"),
+        ("glue/sst3", r"unknown GLUE task 'sst3'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            resolve_paths(build_config({"data": {"dataset": dataset}}))
+    with pytest.raises(ConfigError, match=r"data\.dataset=gsm8k needs model\.task=causal_lm"):
+        resolve_paths(build_config({"model": {"name": "tiny-encoder", "task": "classification"}}))
+
+
+def test_each_task_names_its_evaluation_metrics_and_head() -> None:
+    """The names are the ones the evaluation loops write (``fisher_scale.eval``), per task and model kind."""
+    from fisher_scale.tasks import is_eval_metric, task_of
+
+    classifier = build_config({"model": {"task": "classification"}, "data": {"dataset": "glue/mnli"}})
+    mnli = task_of("glue/mnli")
+    assert mnli.eval_split == "dev_matched" and mnli.num_labels(classifier) == 3
+    assert mnli.eval_metric_names(classifier) == {
+        "glue/mnli_m/accuracy",
+        "glue/mnli_m/loss",
+        "glue/mnli_m/majority_share",
+    }
+    stsb = task_of("glue/STS-B")
+    assert stsb.num_labels(classifier) == 1 and "glue/stsb/majority_share" not in stsb.eval_metric_names(classifier)
+    lm = build_config({})
+    assert task_of("glue/sst2").num_labels(lm) is None and task_of("gsm8k").eval_metric_names(lm) == {
+        "gsm8k/accuracy",
+        "gsm8k/loss",
+    }
+    assert is_eval_metric("glue/sst2/accuracy") and not is_eval_metric("loss") and not is_eval_metric("gsm8k")
+
+
+@pytest.mark.parametrize(
+    "tree",
+    [
+        {
+            "model": {"name": "tiny-encoder", "task": "classification"},
+            "peft": {"target_modules": ["query", "value"]},
+            "data": {"dataset": "glue/mrpc"},
+        },
+        {"model": {"name": "tiny"}, "data": {"dataset": "glue/stsb"}},
+    ],
+)
+def test_a_task_reports_the_metric_names_it_declares(tree: dict) -> None:
+    """A real (4-example) evaluation of the task writes exactly the names the sweeps check their metric against."""
+    from fisher_scale.models import load_tokenizer
+    from fisher_scale.tasks import task_of
+    from fisher_scale.train.worker import build_model
+
+    cfg = build_config({**tree, "eval": {"max_examples": 4, "batch_size": 4}})
+    task = task_of(cfg.data.dataset)
+    model = build_model(cfg, task.num_labels(cfg)).eval()
+    with torch.no_grad():
+        metrics = task.evaluate(cfg, model, load_tokenizer(cfg.model.name))
+    assert set(metrics) == task.eval_metric_names(cfg)

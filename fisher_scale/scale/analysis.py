@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fisher_scale.config import ScaleConfig
+from fisher_scale.tasks import is_eval_metric
 from fisher_scale.train import metrics as metric
 from fisher_scale.train.profile import PHASES
 
@@ -86,22 +87,18 @@ def summarize(grid: dict[str, Any], trial_id: str | None, rows: list[dict[str, A
     result.peak_bytes = int(max(peaks)) if peaks else None
     state = _number(training[-1].get(metric.STATE_BYTES))
     result.state_bytes = int(state) if state is not None else None
-    evaluated = [r for r in rows if any(_number(r.get(k)) is not None for k in r if _is_eval(k))]
+    evaluated = [r for r in rows if any(_number(r.get(k)) is not None for k in r if is_eval_metric(k))]
     if evaluated:
         last = evaluated[-1]
-        result.final = {k: float(v) for k, v in last.items() if _is_eval(k) and _number(v) is not None}
+        result.final = {k: float(v) for k, v in last.items() if is_eval_metric(k) and _number(v) is not None}
     if target_loss is not None:
         for row in evaluated:
-            loss = next((_number(row[k]) for k in row if _is_eval(k) and k.endswith("/loss")), None)
+            loss = next((_number(row[k]) for k in row if is_eval_metric(k) and k.endswith("/loss")), None)
             if loss is not None and loss <= target_loss:
                 result.steps_to_target = int(row[metric.STEP])
                 result.time_to_target_s = _number(row.get(metric.TRAIN_TIME))
                 break
     return result
-
-
-def _is_eval(key: str) -> bool:
-    return key.startswith(("gsm8k/", "glue/"))
 
 
 @dataclass

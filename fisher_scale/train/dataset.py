@@ -9,21 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from fisher_scale.config import ExperimentConfig
-from fisher_scale.data import (
-    IGNORE_INDEX,
-    collate,
-    glue_classifier_features,
-    glue_lm_features,
-    glue_task,
-    gsm8k_features,
-    load_glue,
-    load_gsm8k,
-)
-from fisher_scale.train.evaluation import data_source, evaluate_experiment
-
-
-def _glue_name(dataset: str) -> str | None:
-    return dataset.split("/", 1)[1] if dataset.startswith("glue/") else None
+from fisher_scale.data import IGNORE_INDEX, collate
+from fisher_scale.tasks import task_of
 
 
 def scoring_share(samples: int, rank: int, world: int) -> range:
@@ -39,31 +26,14 @@ class TrainingSet:
         from fisher_scale.models import load_tokenizer
 
         self.cfg = cfg
+        self.task = task_of(cfg.data.dataset)
         self.tokenizer = load_tokenizer(cfg.model.name)
         self.causal = cfg.model.task == "causal_lm"
-        data, task, source = cfg.data, _glue_name(cfg.data.dataset), data_source(cfg)
-        self.num_labels: int | None = None
-        if task is None:
-            records = load_gsm8k("train", source)[: data.max_train_examples]
-            self.features = [gsm8k_features(r, self.tokenizer, data.max_length) for r in records]
-        else:
-            spec = glue_task(task)
-            records = load_glue(task, "train", source)[: data.max_train_examples]
-            if self.causal:
-                self.features = [glue_lm_features(spec, r, self.tokenizer, data.max_length) for r in records]
-            else:
-                self.num_labels = self.label_count(cfg)
-                self.features = [glue_classifier_features(spec, r, self.tokenizer, data.max_length) for r in records]
+        self.num_labels = self.task.num_labels(cfg)
+        records = self.task.training_records(self.task.source(cfg))[: cfg.data.max_train_examples]
+        self.features = [self.task.features(r, self.tokenizer, cfg) for r in records]
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
-
-    @staticmethod
-    def label_count(cfg: ExperimentConfig) -> int | None:
-        """Outputs of the classification head the experiment needs (None for causal LMs)."""
-        task = _glue_name(cfg.data.dataset)
-        if cfg.model.task == "causal_lm" or task is None:
-            return None
-        return glue_task(task).num_labels
 
     def __len__(self) -> int:
         return len(self.features)
@@ -98,6 +68,6 @@ class TrainingSet:
         model.eval()
         try:
             with torch.no_grad():
-                return evaluate_experiment(self.cfg, model, self.tokenizer)
+                return self.task.evaluate(self.cfg, model, self.tokenizer)
         finally:
             model.train()

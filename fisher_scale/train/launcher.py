@@ -33,11 +33,17 @@ def check_resources(cfg: ExperimentConfig, available: dict[str, float]) -> None:
 
 def resolve_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     """Relative paths made absolute against the driver's working directory (Ray workers run elsewhere), and
-    local data checked here, before any cluster work: a missing file is a config error, not a worker crash."""
+    the dataset and local data checked here, before any cluster work: a missing file is a config error, not a
+    worker crash."""
     from fisher_scale.data import is_hub_id
-    from fisher_scale.train.evaluation import data_source
+    from fisher_scale.tasks import task_of
 
-    source = data_source(cfg)
+    try:
+        task = task_of(cfg.data.dataset)
+        task.check(cfg)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    source = task.source(cfg)
     if not is_hub_id(source) and not Path(source).exists():
         raise ConfigError(f"data.source: {source} does not exist (a local GSM8K/GLUE copy, or a hub id)")
     data = cfg.data.model_copy(update={"source": source if is_hub_id(source) else str(Path(source).resolve())})

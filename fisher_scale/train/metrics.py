@@ -1,7 +1,7 @@
 """The metric catalogue: every name a training run reports (to Ray, hence to Tune and MLflow), in one place.
 
 The loop (``train.worker``) writes these keys; the study checks (``tune.metric``, ASHA), ``compare`` and the
-scaling analysis read them. Evaluation metrics are named by the dataset (``train.evaluation.eval_metric_names``).
+scaling analysis read them. Evaluation metrics are named by the dataset's task (``tasks.Task.eval_metric_names``).
 """
 
 from __future__ import annotations

@@ -133,6 +133,7 @@ def check_space(label: str, base: ExperimentConfig, space: dict[str, Dimension])
 
 def check_study(cfg: ExperimentConfig) -> dict[str, tuple[ExperimentConfig, dict[str, Dimension]]]:
     """The studies of ``cfg``, after checking spaces, the target metric and early-stopping settings."""
+    from fisher_scale.tasks import is_eval_metric
     from fisher_scale.train.metrics import reported_metrics
 
     tune = cfg.tune
@@ -153,7 +154,7 @@ def check_study(cfg: ExperimentConfig) -> dict[str, tuple[ExperimentConfig, dict
                 f"tune.grace_period={tune.grace_period} must be below train.steps={cfg.train.steps} "
                 "for ASHA to stop anything"
             )
-        intermediate = cfg.train.log_every if not tune.metric.startswith(("gsm8k/", "glue/")) else cfg.eval.every
+        intermediate = cfg.eval.every if is_eval_metric(tune.metric) else cfg.train.log_every
         if not intermediate or intermediate > tune.grace_period:
             raise ConfigError(
                 f"tune.scheduler=asha needs {tune.metric!r} reported before the grace period of {tune.grace_period} "
