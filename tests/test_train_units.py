@@ -173,14 +173,17 @@ def test_profiler_counts_fisher_statistics_from_hooks_as_optimizer_time() -> Non
     assert optimizer.curvature.seconds == before  # evaluation forwards collect nothing
 
 
-def test_guard_and_mask_restore_exactly_under_the_explicit_step_boundary() -> None:
+@pytest.mark.parametrize("guard_outside", [True, False])
+def test_guard_and_mask_restore_exactly_under_the_explicit_step_boundary(guard_outside: bool) -> None:
     """Inside ``one_step`` DeepSpeed makes one ``step()`` per group: the guard skips a step whose non-finite
     gradient shows in its first call exactly (weights, moments, factors, step count; every call skipped), stops
-    on one first seen in a later call, and a mask keeps its masked entries at their values over every call."""
+    on one first seen in a later call, and a mask keeps its masked entries at their values over every call; nested
+    (``AroundStep``), either may be the outer one."""
     import torch
 
-    from fisher_scale.masks import apply_mask
+    from fisher_scale.masks import MaskedUpdates
     from fisher_scale.optim import AdaFisher
+    from fisher_scale.optim.around_step import AroundStep
     from fisher_scale.train.guard import NonFiniteGuard
 
     from .conftest import lm_batch, tiny_lora_qwen2
@@ -191,7 +194,8 @@ def test_guard_and_mask_restore_exactly_under_the_explicit_step_boundary() -> No
     guard = NonFiniteGuard(optimizer, optimizer.pieces, skip=True)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     mask = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(0)) < 0.5 for n, p in trainable.items()}
-    apply_mask(model, optimizer, mask)
+    wrappers = [guard, MaskedUpdates(model, optimizer, mask, register=False)]
+    AroundStep(optimizer, wrappers if guard_outside else wrappers[::-1])
     group = optimizer.param_groups[0]
     parts = [group["params"][:3], group["params"][3:]]
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fisher_scale.optim.around_step import AroundStep
 from fisher_scale.optim.layers import full_shape
 from fisher_scale.optim.pieces import PieceMap, elementwise, whole_parameters
 
@@ -140,7 +141,9 @@ class MaskedUpdates:
 
     ``pieces`` maps the optimizer's tensors to parameter ranges (``fisher_scale.optim.pieces``); by
     default the optimizer holds the parameters themselves. Under ZeRO each rank passes its partition
-    map and so stores the mask only for the elements it owns.
+    map and so stores the mask only for the elements it owns. ``register=False`` leaves the step hooks to
+    the caller, which runs :meth:`pre_step`/:meth:`post_step` in its own :class:`~fisher_scale.optim.around_step.
+    AroundStep` list (the training loop nests them inside its non-finite guard).
     """
 
     def __init__(
@@ -149,6 +152,8 @@ class MaskedUpdates:
         optimizer: torch.optim.Optimizer,
         mask: Mapping[str, Tensor],
         pieces: PieceMap | None = None,
+        *,
+        register: bool = True,
     ) -> None:
         self.optimizer = optimizer
         self._params = dict(model.named_parameters())
@@ -158,7 +163,7 @@ class MaskedUpdates:
         self._grad_hooks: list = []
         self._saved: dict[Tensor, Tensor] = {}
         self.update(mask)
-        self._hooks = [optimizer.register_step_pre_hook(self._before), optimizer.register_step_post_hook(self._after)]
+        self._around = AroundStep(optimizer, [self]) if register else None
 
     def update(self, mask: Mapping[str, Tensor]) -> None:
         """Switch to a new mask (a refresh); newly masked entries keep their current value and lose their state,
@@ -184,16 +189,13 @@ class MaskedUpdates:
         self._pack()
 
     def _pack(self) -> None:
-        """Per-element state of masked tensors down to the kept entries (a state value already packed, put
-        back by a skipped step's restore, stays as it is)."""
+        """Per-element state of masked tensors down to the kept entries."""
         packed = {}
         for tensor, owned in self._owned.items():
             state, keys = self.optimizer.state.get(tensor, {}), set()
             for key, value in state.items():
                 if elementwise(value, tensor):
                     state[key] = value[owned]
-                    keys.add(key)
-                elif key in self._packed.get(tensor, ()):
                     keys.add(key)
             if keys:
                 packed[tensor] = keys
@@ -216,20 +218,24 @@ class MaskedUpdates:
         finally:
             self._pack()
 
-    def _before(self, *_: object) -> None:
+    def pre_step(self) -> None:
+        """Before a ``step()`` call: remember the masked tensors' values and unpack their state."""
         self._saved = {t: t.detach().clone() for t in self._owned}
         self._unpack()
 
     @torch.no_grad()
-    def _after(self, *_: object) -> None:
+    def post_step(self) -> None:
+        """After it: masked entries back to their values, their state packed again."""
         for tensor, owned in self._owned.items():
             tensor.copy_(torch.where(owned, tensor, self._saved[tensor]))
         self._saved = {}
         self._pack()
 
     def remove(self) -> None:
-        for hook in [*self._grad_hooks, *self._hooks]:
+        for hook in self._grad_hooks:
             hook.remove()
+        if self._around is not None:
+            self._around.remove()
 
 
 def apply_mask(

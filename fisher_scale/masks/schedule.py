@@ -41,6 +41,7 @@ class MaskSchedule:
         head: Sequence[str] = DEFAULT_HEAD,
         pieces: PieceMap | None = None,
         scoring_context: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+        register: bool = True,
     ) -> None:
         for name, value in (("mask.warmup_steps", warmup_steps), ("mask.refresh_every", refresh_every)):
             if not isinstance(value, int) or value < 0:
@@ -55,6 +56,8 @@ class MaskSchedule:
         self.mask: Mask | None = None
         self.report: dict[str, float] = {}
         self.updates: MaskedUpdates | None = None
+        #: False: the caller runs :meth:`pre_step`/:meth:`post_step` in its own ordered list (``MaskedUpdates``)
+        self.register = register
 
     def due(self, step: int) -> bool:
         since = step - self.warmup_steps
@@ -88,11 +91,19 @@ class MaskSchedule:
         """The optimizer state at full size inside the block (see :class:`MaskedUpdates`)."""
         return contextlib.nullcontext() if self.updates is None else self.updates.full_state()
 
+    def pre_step(self) -> None:
+        if self.updates is not None:
+            self.updates.pre_step()
+
+    def post_step(self) -> None:
+        if self.updates is not None:
+            self.updates.post_step()
+
     def restore(self, mask: Mask) -> None:
         """Apply ``mask`` (a new selection, or one read back from a checkpoint)."""
         self.mask = mask
         if self.updates is None:
-            self.updates = MaskedUpdates(self.model, self.optimizer, mask, self.pieces)
+            self.updates = MaskedUpdates(self.model, self.optimizer, mask, self.pieces, register=self.register)
         else:
             self.updates.update(mask)
         self.report = mask_report(mask)

@@ -1,12 +1,14 @@
 """Non-finite losses and gradients: stop with the step and the layer, or skip the step exactly.
 
-The guard hooks the client optimizer's ``step()`` (DeepSpeed calls it once per param group or ZeRO-3
-sub-group). Ranks agree through an all-reduce of a flag in each call, so all of them stop or skip together.
-A skipped step leaves parameters, optimizer state and Fisher factors exactly as they were, and does not count;
-every call of a skipped step is skipped. A non-finite gradient first seen in a later call of an optimizer step
-cannot be skipped exactly (the groups before it have stepped): that stops the run, saying so. Under ZeRO 1-3
-DeepSpeed itself drops a step whose gradient norm is non-finite without calling the client: the loop reports
-that through :meth:`end_step`, which stops or counts the skip the same way.
+The guard wraps the client optimizer's ``step()`` calls (DeepSpeed makes one per param group or ZeRO-3
+sub-group) as one of the loop's nested :class:`~fisher_scale.optim.around_step.AroundStep` wrappers: it
+restores only what it snapshotted, whatever a mask inside or outside it does. Ranks agree through an
+all-reduce of a flag in each call, so all of them stop or skip together. A skipped step leaves parameters,
+optimizer state and Fisher factors exactly as they were, and does not count; every call of a skipped step
+is skipped. A non-finite gradient first seen in a later call of an optimizer step cannot be skipped exactly
+(the groups before it have stepped): that stops the run, saying so. Under ZeRO 1-3 DeepSpeed itself drops a
+step whose gradient norm is non-finite without calling the client: the loop reports that through
+:meth:`end_step`, which stops or counts the skip the same way.
 """
 
 from __future__ import annotations
@@ -32,8 +34,6 @@ class NonFiniteGuard:
         self._calls = 0  # step() calls so far in this optimizer step
         self._skipping = False  # this optimizer step is being skipped
         self._snapshot: tuple[dict[Tensor, Tensor], dict[Tensor, dict]] | None = None
-        optimizer.register_step_pre_hook(self._before)
-        optimizer.register_step_post_hook(self._after)
 
     def begin_step(self, step: int) -> None:
         self.step = step
@@ -70,7 +70,7 @@ class NonFiniteGuard:
                 return "(padding)"
         return None
 
-    def _before(self, *_: object) -> None:
+    def pre_step(self) -> None:
         self._calls += 1
         if not self._skipping:
             bad = self._first_bad_parameter()
@@ -103,7 +103,7 @@ class NonFiniteGuard:
                 tensor.grad.zero_()
 
     @torch.no_grad()
-    def _after(self, *_: object) -> None:
+    def post_step(self) -> None:
         if self._snapshot is None:
             return
         values, states = self._snapshot

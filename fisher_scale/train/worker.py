@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from fisher_scale.config import ExperimentConfig
 from fisher_scale.masks import DEFAULT_HEAD, MaskSchedule, equal_budget_ratio, load_mask, save_mask
 from fisher_scale.optim import FisherOptimizer, build_optimizer, optimizer_state_bytes
+from fisher_scale.optim.around_step import AroundStep
 from fisher_scale.optim.distributor import all_reduce_numbers, from_engine
 from fisher_scale.train import checkpoint
 from fisher_scale.train import metrics as metric
@@ -104,6 +105,8 @@ class Run:
             len(self.data), cfg.data.batch_size, cfg.data.gradient_accumulation_steps, world, cfg.seed
         )
         self.mask = self._mask_schedule()
+        # nested: each restores only what it changed, so the guard's skip is exact around the mask's restore
+        AroundStep(self.optimizer, [self.guard, *([self.mask] if self.mask is not None else [])])
         self.history: dict[str, Any] = {"skipped_steps": 0, "train_time_s": 0.0, "eval_time_s": 0.0}
         if restored is not None:
             self._restore(restored)
@@ -129,6 +132,7 @@ class Run:
             head=DEFAULT_HEAD if mask.head is None else mask.head,
             pieces=self.pieces,
             scoring_context=self.distributor.functional,
+            register=False,
         )
 
     def _restore(self, directory: Path) -> None:
