@@ -11,7 +11,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
+from fisher_scale.cli import main
 from fisher_scale.config import build_config
 from fisher_scale.train.launcher import run_training
 from fisher_scale.train.metrics import reported_metrics
@@ -63,6 +65,19 @@ def test_two_worker_run_writes_adapter_result_and_metrics(ray_session: None, tmp
     # the catalogue names exactly what the loop reports, per-block mask fractions aside (they depend on the model)
     written = {key for report in history for key in report if not key.startswith("mask/kept/block/")}
     assert written == reported_metrics(cfg)
+    # continued through the CLI from the last checkpoint (train.resume_from) onto one worker, to step 9
+    config = tmp_path / "fit.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    overrides = {
+        "train.resume_from": result["checkpoint"],
+        "train.steps": 9,
+        "distributed.num_workers": 1,
+        "train.output_dir": tmp_path / "more",
+    }
+    assert main(["train", str(config), *(arg for k, v in overrides.items() for arg in ("--set", f"{k}={v}"))]) == 0
+    continued = [json.loads(line) for line in (tmp_path / "more" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in continued] == [9]  # steps 7-9 only: a fresh run would report 3, 6, 9
+    assert continued[0]["mask/kept/all"] == pytest.approx(0.5, abs=0.01)  # the mask came back with it
 
 
 def _kill_a_worker_after_first_checkpoint(storage: Path, run: str, done: threading.Event) -> list[int]:

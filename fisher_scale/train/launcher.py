@@ -139,8 +139,9 @@ def trainer(
     callbacks: list[Any] | None = None,
 ) -> Any:
     """The ``TorchTrainer`` of one experiment (also what a Tune trial runs, with Tune's report callback).
-    A second trainer with the same run name and storage resumes from that run's latest checkpoint."""
-    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    A second trainer with the same run name and storage resumes from that run's latest checkpoint;
+    ``train.resume_from`` is read by the workers themselves (Train V2 has no ``resume_from_checkpoint``)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from fisher_scale.train.worker import train_worker
@@ -159,7 +160,6 @@ def trainer(
             failure_config=FailureConfig(max_failures=dist.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
-        resume_from_checkpoint=Checkpoint(cfg.train.resume_from) if cfg.train.resume_from else None,
     )
 
 

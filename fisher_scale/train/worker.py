@@ -288,7 +288,8 @@ def _is_number(value: object) -> bool:
 
 
 def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train's ``train_loop_per_worker``: resumes from Ray's latest checkpoint, reports to Ray."""
+    """Ray Train's ``train_loop_per_worker``: resumes from Ray's latest checkpoint of this run (after a worker
+    failure), else from ``train.resume_from`` (an earlier run's checkpoint directory); reports to Ray."""
     import ray.train
 
     def report(metrics: dict[str, Any], directory: Path | None) -> None:
@@ -297,8 +298,10 @@ def train_worker(config: dict[str, Any]) -> None:
 
     context = ray.train.get_context()
     restored = ray.train.get_checkpoint()
+    cfg = ExperimentConfig.model_validate(config)
     with contextlib.ExitStack() as stack:
         directory = Path(stack.enter_context(restored.as_directory())) if restored else None
-        cfg = ExperimentConfig.model_validate(config)
+        if directory is None and cfg.train.resume_from:
+            directory = Path(cfg.train.resume_from)
         run = Run(cfg, context.get_world_rank(), context.get_world_size(), reporter=report, restored=directory)
     run.train()
