@@ -20,6 +20,7 @@ from fisher_scale.data import (
     glue_lm_features,
     glue_task,
     gsm8k_features,
+    is_hub_id,
     load_glue,
     load_gsm8k,
 )
@@ -58,6 +59,21 @@ class Task(ABC):
     def training_records(self, source: str) -> list[Record]: ...
 
     @abstractmethod
+    def evaluation_records(self, source: str) -> list[Record]: ...
+
+    def check_data(self, cfg: ExperimentConfig) -> None:
+        """Parse a local copy whole, as the workers will (the files are small): a malformed line is a ``ValueError``
+        naming file:line, a missing file or split a ``FileNotFoundError``, an empty training split names the source.
+        Hub ids are left to the workers."""
+        source = self.source(cfg)
+        if is_hub_id(source):
+            return
+        if not self.training_records(source):
+            raise ValueError(f"data.source: {source} holds no training examples of {cfg.data.dataset}")
+        if cfg.eval.enabled:
+            self.evaluation_records(source)
+
+    @abstractmethod
     def features(self, record: Record, tokenizer: Any, cfg: ExperimentConfig) -> Features:
         """One training example tokenised for ``model.task``, cut to ``data.max_length``."""
 
@@ -89,16 +105,18 @@ class Gsm8k(Task):
     def features(self, record: Record, tokenizer: Any, cfg: ExperimentConfig) -> Features:
         return gsm8k_features(record, tokenizer, cfg.data.max_length)
 
+    def evaluation_records(self, source: str) -> list[Record]:
+        return load_gsm8k("test", source)
+
     def eval_metric_names(self, cfg: ExperimentConfig) -> set[str]:
         return {"gsm8k/accuracy", "gsm8k/loss"}
 
     def evaluate(self, cfg: ExperimentConfig, model: nn.Module, tokenizer: Any) -> dict[str, float]:
         ev = cfg.eval
-        records = load_gsm8k("test", self.source(cfg))
         return evaluate_gsm8k(
             model,
             tokenizer,
-            records,
+            self.evaluation_records(self.source(cfg)),
             batch_size=ev.batch_size,
             max_new_tokens=ev.max_new_tokens,
             max_length=cfg.data.max_length,
@@ -128,6 +146,9 @@ class Glue(Task):
         build = glue_lm_features if cfg.model.task == "causal_lm" else glue_classifier_features
         return build(self.spec, record, tokenizer, cfg.data.max_length)
 
+    def evaluation_records(self, source: str) -> list[Record]:
+        return load_glue(self.spec.name, self.eval_split, source)
+
     def num_labels(self, cfg: ExperimentConfig) -> int | None:
         return None if cfg.model.task == "causal_lm" else self.spec.num_labels
 
@@ -142,7 +163,7 @@ class Glue(Task):
             model,
             tokenizer,
             self.spec.name,
-            load_glue(self.spec.name, self.eval_split, self.source(cfg)),
+            self.evaluation_records(self.source(cfg)),
             split=self.eval_split,
             batch_size=cfg.eval.batch_size,
             max_length=cfg.data.max_length,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from fisher_scale.config import ConfigError, build_config, load_config
+from fisher_scale.config import ConfigError, build_config, load_config, with_values
 from fisher_scale.train.batches import StepBatches
 from fisher_scale.train.engine import deepspeed_config
 from fisher_scale.train.launcher import check_resources
@@ -133,7 +135,7 @@ def test_too_many_workers_fail_before_ray_starts(tmp_path, monkeypatch: pytest.M
         raise AssertionError("Ray was started")
 
     monkeypatch.setattr(launcher, "start_ray", no_ray)
-    cfg = build_config({"data": {"source": str(tmp_path)}, "distributed": {"num_workers": 64}})
+    cfg = build_config({"train": {"output_dir": str(tmp_path / "run")}, "distributed": {"num_workers": 64}})
     with pytest.raises(ConfigError, match="needs 64 CPUs"):
         launcher.run_training(cfg)
 
@@ -347,3 +349,57 @@ def test_a_task_reports_the_metric_names_it_declares(tree: dict) -> None:
     with torch.no_grad():
         metrics = task.evaluate(cfg, model, load_tokenizer(cfg.model.name))
     assert set(metrics) == task.eval_metric_names(cfg)
+
+
+def _gsm8k_copy(folder: Path, train_lines: list[str]) -> Path:
+    folder.mkdir()
+    record = json.dumps({"question": "1 + 1?", "answer": "2\n#### 2"})
+    (folder / "train.jsonl").write_text("".join(f"{line}\n" for line in train_lines))
+    (folder / "test.jsonl").write_text(record + "\n")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (['{"question": "1 + 1?", "answer": "2\\n#### 2"}', "{not json"], r"data: .*train\.jsonl:2: not JSON"),
+        (['{"question": "1 + 1?"}'], r"data: .*train\.jsonl:1: "),
+        ([], r"data\.source: .* holds no training examples of gsm8k"),
+    ],
+)
+def test_data_is_parsed_whole_on_the_driver(tmp_path: Path, lines: list[str], message: str) -> None:
+    """Before Ray starts (before: a worker error 20-75 s later, or "the training set is empty" naming no file)."""
+    from fisher_scale.train.launcher import check_inputs, resolve_paths
+
+    cfg = resolve_paths(build_config({"data": {"source": str(_gsm8k_copy(tmp_path / "gsm8k", lines))}}))
+    with pytest.raises(ConfigError, match=message):
+        check_inputs(cfg)
+
+
+def test_output_folders_and_cluster_address_are_checked_before_anything_is_written(tmp_path: Path) -> None:
+    from fisher_scale.cli import main
+    from fisher_scale.train.launcher import check_inputs, check_writable, resolve_paths
+
+    good = build_config(
+        {"data": {"source": str(_gsm8k_copy(tmp_path / "gsm8k", ['{"question": "q", "answer": "a\\n#### 1"}']))}}
+    )
+    check_inputs(resolve_paths(good))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"distributed\.storage_path: .*file/ray cannot be created: .* is a file"):
+        check_inputs(resolve_paths(with_values(good, {"distributed.storage_path": str(tmp_path / "file" / "ray")})))
+    with pytest.raises(ConfigError, match=r"train\.output_dir: .* is a file"):
+        check_writable("train.output_dir", tmp_path / "file" / "run")
+    for address, message in [("127.0.0.1:1", "nothing answers at 127.0.0.1:1"), ("head", "is not host:port")]:
+        with pytest.raises(ConfigError, match=f"distributed\\.address: .*{message}"):
+            check_inputs(resolve_paths(with_values(good, {"distributed.address": address})))
+    # a study with an unreachable cluster stops before its MLflow parent run and study.json exist
+    config = tmp_path / "study.yaml"
+    study = {
+        "data": {"source": str(tmp_path / "gsm8k")},
+        "distributed": {"address": "127.0.0.1:1", "storage_path": str(tmp_path / "ray")},
+        "tune": {"storage": f"sqlite:///{tmp_path / 'optuna.db'}", "space": {"lr": {"loguniform": [1e-4, 1e-2]}}},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+    config.write_text(yaml.safe_dump(study))
+    assert main(["tune", str(config)]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "gsm8k", "study.yaml"]

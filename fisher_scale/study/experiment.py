@@ -25,6 +25,7 @@ from typing import Any
 from fisher_scale import tracking
 from fisher_scale.config import ConfigError, ExperimentConfig, flatten, with_values
 from fisher_scale.train.launcher import (
+    check_inputs,
     check_local_resources,
     check_model,
     check_resources,
@@ -130,6 +131,7 @@ def open_study(
     new one named, ``check`` run (it returns every trial config to fit on the machine), the tracking store
     reached, the MLflow parent run and ``study.json`` written. Returns the config, state and storage root."""
     cfg = resolve_paths(cfg)
+    check_inputs(cfg)
     root = storage_root(cfg)
     state = find_resumable(root, cfg.name, kind) if resume else None
     if resume and state is None:

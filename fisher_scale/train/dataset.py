@@ -38,6 +38,13 @@ class TrainingSet:
     def __len__(self) -> int:
         return len(self.features)
 
+    def without_targets(self) -> int:
+        """Examples of a causal LM left with no target token by ``data.max_length`` (their prompt fills it); a step
+        whose examples are all such has nothing to learn from."""
+        if not self.causal:
+            return 0
+        return sum(all(label == IGNORE_INDEX for label in f["labels"][1:]) for f in self.features)
+
     def collate(self, indices: list[int]) -> dict[str, Tensor]:
         return collate([self.features[i] for i in indices], self.pad_id)
 

@@ -33,8 +33,7 @@ def check_resources(cfg: ExperimentConfig, available: dict[str, float]) -> None:
 
 def resolve_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     """Relative paths made absolute against the driver's working directory (Ray workers run elsewhere), and
-    the dataset and local data checked here, before any cluster work: a missing file is a config error, not a
-    worker crash."""
+    the dataset checked here, before any cluster work: a missing file is a config error, not a worker crash."""
     from fisher_scale.data import is_hub_id
     from fisher_scale.tasks import task_of
 
@@ -60,6 +59,61 @@ def resolve_paths(cfg: ExperimentConfig) -> ExperimentConfig:
         storage = str(Path(storage).resolve())
     distributed = cfg.distributed.model_copy(update={"storage_path": storage})
     return cfg.model_copy(update={"data": data, "model": model, "train": train, "distributed": distributed})
+
+
+def check_inputs(cfg: ExperimentConfig) -> None:
+    """What the run will read or write, checked on the driver before Ray starts and before anything is written
+    (call after :func:`resolve_paths`): the data parsed whole, the storage folder writable, the cluster address
+    reachable. Each failure is a ``ConfigError`` naming the key."""
+    from fisher_scale.data import is_hub_id
+    from fisher_scale.tasks import task_of
+
+    try:
+        task_of(cfg.data.dataset).check_data(cfg)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(f"data: {error}") from None
+    if cfg.model.task == "causal_lm" and not is_hub_id(task_of(cfg.data.dataset).source(cfg)):
+        check_targets(cfg)
+    storage = cfg.distributed.storage_path
+    if storage and "://" not in storage:
+        check_writable("distributed.storage_path", Path(storage))
+    if cfg.distributed.address not in (None, "auto", "local"):
+        check_reachable_address(cfg.distributed.address)
+
+
+def check_targets(cfg: ExperimentConfig) -> None:
+    """Every training example keeps a target token at ``data.max_length`` (tokenised here as the workers will)."""
+    from fisher_scale.train.dataset import TrainingSet
+
+    data = TrainingSet(cfg)
+    empty = data.without_targets()
+    if empty:
+        raise ConfigError(
+            f"data.max_length={cfg.data.max_length} leaves {empty} of {len(data)} training examples of "
+            f"{cfg.data.dataset} with no target token (the prompt fills it): raise data.max_length"
+        )
+
+
+def check_writable(key: str, folder: Path) -> None:
+    """``folder`` exists as a writable folder, or its nearest existing parent is one (nothing is created)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{key}: {folder} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {folder} cannot be written: {existing} is not writable")
+
+
+def check_reachable_address(address: str) -> None:
+    """A Ray address (``host:port`` or ``ray://host:port``) accepts connections within 5 s."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"distributed.address: {address!r} is not host:port, ray://host:port, auto or local")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as error:
+        raise ConfigError(f"distributed.address: nothing answers at {host}:{port} ({error})") from None
 
 
 def check_model(cfg: ExperimentConfig) -> None:
@@ -168,6 +222,8 @@ def run_training(cfg: ExperimentConfig, *, run_name: str | None = None) -> dict[
     import ray
 
     cfg = resolve_paths(cfg)
+    check_inputs(cfg)
+    check_writable("train.output_dir", Path(cfg.train.output_dir))
     if cfg.train.resume_from and not (Path(cfg.train.resume_from) / "trainer_state.json").is_file():
         raise ConfigError(f"train.resume_from: {cfg.train.resume_from} is not a fisher-scale checkpoint directory")
     check_local_resources(cfg)
