@@ -403,3 +403,21 @@ def test_output_folders_and_cluster_address_are_checked_before_anything_is_writt
     config.write_text(yaml.safe_dump(study))
     assert main(["tune", str(config)]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "gsm8k", "study.yaml"]
+
+
+def test_examples_whose_prompt_fills_max_length_are_left_out_and_none_left_is_an_error(tmp_path: Path) -> None:
+    """Before: the run failed at the first step whose examples all lost their targets (step 25 on defaults)."""
+    from fisher_scale.train.dataset import TrainingSet
+    from fisher_scale.train.launcher import check_inputs, resolve_paths
+
+    short = json.dumps({"question": "1 + 1?", "answer": "2\n#### 2"})
+    long = json.dumps({"question": "Is it? " * 40, "answer": "yes\n#### 1"})
+    mixed = build_config({"data": {"source": str(_gsm8k_copy(tmp_path / "mixed", [short, long])), "max_length": 96}})
+    data = TrainingSet(mixed)
+    assert len(data) == 1 and data.dropped == 1
+    assert (data.collate([0])["labels"][0, 1:] != -100).any()
+    with pytest.warns(UserWarning, match=r"data\.max_length=96 leaves 1 of 2 training examples .* left out"):
+        check_inputs(resolve_paths(mixed))
+    only_long = with_values(mixed, {"data.source": str(_gsm8k_copy(tmp_path / "long", [long]))})
+    with pytest.raises(ConfigError, match=r"leaves 1 of 1 .*nothing to train on; raise data\.max_length"):
+        check_inputs(resolve_paths(only_long))

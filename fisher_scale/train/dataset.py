@@ -13,6 +13,10 @@ from fisher_scale.data import IGNORE_INDEX, collate
 from fisher_scale.tasks import task_of
 
 
+def _has_target(features: dict[str, Any]) -> bool:
+    return any(label != IGNORE_INDEX for label in features["labels"][1:])
+
+
 def scoring_share(samples: int, rank: int, world: int) -> range:
     """Rank ``rank``'s contiguous share of ``samples`` scoring examples: sizes differ by at most one and
     the shares of all ranks cover every example once (1024 on 3 ranks: 341, 341, 342)."""
@@ -31,19 +35,17 @@ class TrainingSet:
         self.causal = cfg.model.task == "causal_lm"
         self.num_labels = self.task.num_labels(cfg)
         records = self.task.training_records(self.task.source(cfg))[: cfg.data.max_train_examples]
-        self.features = [self.task.features(r, self.tokenizer, cfg) for r in records]
+        features = [self.task.features(r, self.tokenizer, cfg) for r in records]
+        # a causal LM's example whose prompt fills data.max_length has no target token: nothing to learn, and a
+        # step made only of such examples would have no loss
+        self.features = [f for f in features if not self.causal or _has_target(f)]
+        #: examples left out for that reason
+        self.dropped = len(features) - len(self.features)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
 
     def __len__(self) -> int:
         return len(self.features)
-
-    def without_targets(self) -> int:
-        """Examples of a causal LM left with no target token by ``data.max_length`` (their prompt fills it); a step
-        whose examples are all such has nothing to learn from."""
-        if not self.causal:
-            return 0
-        return sum(all(label == IGNORE_INDEX for label in f["labels"][1:]) for f in self.features)
 
     def collate(self, indices: list[int]) -> dict[str, Tensor]:
         return collate([self.features[i] for i in indices], self.pad_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -82,16 +83,19 @@ def check_inputs(cfg: ExperimentConfig) -> None:
 
 
 def check_targets(cfg: ExperimentConfig) -> None:
-    """Every training example keeps a target token at ``data.max_length`` (tokenised here as the workers will)."""
+    """Training examples that keep a target token at ``data.max_length``, counted here as the workers will (they
+    train on those only): none is an error, some left out a warning."""
     from fisher_scale.train.dataset import TrainingSet
 
     data = TrainingSet(cfg)
-    empty = data.without_targets()
-    if empty:
-        raise ConfigError(
-            f"data.max_length={cfg.data.max_length} leaves {empty} of {len(data)} training examples of "
-            f"{cfg.data.dataset} with no target token (the prompt fills it): raise data.max_length"
-        )
+    what = (
+        f"data.max_length={cfg.data.max_length} leaves {data.dropped} of {data.dropped + len(data)} training "
+        f"examples of {cfg.data.dataset} with no target token (the prompt fills it)"
+    )
+    if not len(data):
+        raise ConfigError(f"{what}: nothing to train on; raise data.max_length")
+    if data.dropped:
+        warnings.warn(f"{what}: they are left out; raise data.max_length to keep them", stacklevel=2)
 
 
 def check_writable(key: str, folder: Path) -> None:

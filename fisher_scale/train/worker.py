@@ -174,8 +174,6 @@ class Run:
         micro_batches = self._micro_batches(step)
         (items,) = all_reduce_numbers(sum(self.data.target_count(b) for b in micro_batches))
         self.guard.begin_step(step)
-        if items == 0:
-            raise ValueError(f"optimizer step {step} has no target token left after truncation: raise data.max_length")
         loss_sum = 0.0
         for batch in micro_batches:
             if isinstance(self.optimizer, FisherOptimizer):
