@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -421,3 +422,26 @@ def test_examples_whose_prompt_fills_max_length_are_left_out_and_none_left_is_an
     only_long = with_values(mixed, {"data.source": str(_gsm8k_copy(tmp_path / "long", [long]))})
     with pytest.raises(ConfigError, match=r"leaves 1 of 1 .*nothing to train on; raise data\.max_length"):
         check_inputs(resolve_paths(only_long))
+
+
+def test_the_ray_instance_started_is_exported_for_rays_own_helpers() -> None:
+    """In a fresh process (the suite's own Ray is left alone): after ``start_ray`` ``$RAY_ADDRESS`` names the instance
+    it started, so helpers spawned from the driver join it even when the machine runs a second one."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import os, ray\n"
+        "from fisher_scale.config import build_config\n"
+        "from fisher_scale.train.launcher import start_ray\n"
+        "os.environ.pop('RAY_ADDRESS', None)\n"
+        "start_ray(build_config({}), log_to_driver=False)\n"
+        "print(os.environ['RAY_ADDRESS'] == ray.get_runtime_context().gcs_address, os.environ['RAY_ADDRESS'])\n"
+        "ray.shutdown()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env, timeout=300
+    )
+    same, address = out.stdout.split()[-2:]
+    assert same == "True" and address.count(":") == 1, out.stdout

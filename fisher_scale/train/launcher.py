@@ -150,13 +150,16 @@ def check_model(cfg: ExperimentConfig) -> None:
 
 
 def start_ray(cfg: ExperimentConfig, *, log_to_driver: bool = True) -> None:
-    """Join ``distributed.address`` (or ``$RAY_ADDRESS``) or start a local Ray instance (once per process)."""
+    """Join ``distributed.address`` (or ``$RAY_ADDRESS``) or start a local Ray instance (once per process), and
+    export its address as ``$RAY_ADDRESS``: Ray's own helpers that this process starts (Ray Train's placement-group
+    cleaner) then join this instance, not fail on "multiple active Ray instances" when the machine has another."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     ray.init(address=cfg.distributed.address, log_to_driver=log_to_driver, configure_logging=False)
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 def local_resources(cfg: ExperimentConfig) -> dict[str, float] | None:
