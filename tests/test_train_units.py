@@ -117,7 +117,7 @@ def test_every_shipped_config_validates() -> None:
                 pytest.fail(f"{path}: {error}")
 
 
-def test_paths_are_resolved_and_missing_data_is_a_config_error(tmp_path) -> None:
+def test_paths_are_resolved_and_missing_data_is_a_config_error(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fisher_scale.train.launcher import resolve_paths
 
     with pytest.raises(ConfigError, match=r"data\.source: .*absent does not exist"):
@@ -127,6 +127,9 @@ def test_paths_are_resolved_and_missing_data_is_a_config_error(tmp_path) -> None
     assert Path(cfg.train.output_dir).is_absolute() and cfg.data.source == str(tmp_path / "gsm8k")
     hub = resolve_paths(build_config({"data": {"source": "openai/gsm8k"}}))
     assert hub.data.source == "openai/gsm8k"
+    monkeypatch.chdir(tmp_path)  # a relative path under an existing folder is a missing copy, not a hub id
+    with pytest.raises(ConfigError, match=r"data\.source: gsm8k/train does not exist, though the folder .*gsm8k does"):
+        resolve_paths(build_config({"data": {"source": "gsm8k/train"}}))
 
 
 def test_too_many_workers_fail_before_ray_starts(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -46,6 +46,12 @@ def resolve_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     source = task.source(cfg)
     if not is_hub_id(source) and not Path(source).exists():
         raise ConfigError(f"data.source: {source} does not exist (a local GSM8K/GLUE copy, or a hub id)")
+    owner = Path(source.split("/", 1)[0])
+    if is_hub_id(source) and owner.is_dir():
+        raise ConfigError(
+            f"data.source: {source} does not exist, though the folder {owner.resolve()} does: a missing local copy "
+            "is not taken for a hub id (write the path as it is on disk)"
+        )
     data = cfg.data.model_copy(update={"source": source if is_hub_id(source) else str(Path(source).resolve())})
     model_path = Path(cfg.model.name)
     model = cfg.model.model_copy(update={"name": str(model_path.resolve())}) if model_path.exists() else cfg.model
