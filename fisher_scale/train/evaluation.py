@@ -1,5 +1,5 @@
-"""Evaluation of a training run's model on its dataset's evaluation split (GSM8K test, GLUE dev),
-sharded over the ranks by ``fisher_scale.eval``; also what ``fisher-scale eval`` runs."""
+"""Evaluation around a training run: the metric names it reports (the dataset's ``tasks.Task`` evaluates, sharded
+over the ranks), and what ``fisher-scale eval`` runs on a saved adapter."""
 
 from __future__ import annotations
 
