@@ -75,11 +75,12 @@ def check_inputs(cfg: ExperimentConfig) -> None:
     from fisher_scale.data import is_hub_id
     from fisher_scale.tasks import task_of
 
+    task = task_of(cfg.data.dataset)
     try:
-        task_of(cfg.data.dataset).check_data(cfg)
+        task.check_data(cfg)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(f"data: {error}") from None
-    if cfg.model.task == "causal_lm" and not is_hub_id(task_of(cfg.data.dataset).source(cfg)):
+    if cfg.model.task == "causal_lm" and not is_hub_id(task.source(cfg)):
         check_targets(cfg)
     storage = cfg.distributed.storage_path
     if storage and "://" not in storage:
