@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from fisher_scale.errors import EXIT_INTERRUPTED, FisherScaleError, exit_code
 from fisher_scale.optim import OPTIMIZERS
 
 #: columns of the output when it is not a terminal (the tables of a study are wider than 80)
@@ -120,7 +121,7 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
 
     cfg, state = _study(args, console, run_study)
     if state is None:
-        return 130
+        return EXIT_INTERRUPTED
     console.print(best_table(state, cfg.tune))
     if len(state.comparison) > 1:  # the arms side by side, with verdicts where there are replicates (seeds)
         console.print(
@@ -128,7 +129,9 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
                 f"{state.study}: arms compared ({cfg.tune.metric}, {cfg.tune.mode})", state.comparison, cfg.tune.metric
             )
         )
-    storage = cfg.tune.storage  # made absolute when the study started
+    from fisher_scale.tracking import redacted
+
+    storage = redacted(cfg.tune.storage)  # made absolute when the study started
     console.print(
         f"results: MLflow experiment [bold]{cfg.name}[/bold], parent run {state.parent_run_id}\n"
         f"  mlflow ui --backend-store-uri {state.tracking_uri}\n"
@@ -144,7 +147,7 @@ def _scale(args: argparse.Namespace, console: Console) -> int:
 
     cfg, report = _study(args, console, run_scale)
     if report is None:
-        return 130
+        return EXIT_INTERRUPTED
     console.print(points_table(report.state.study, report.points, cfg.scale))
     console.print(fits_table(report.fits, cfg.scale))
     console.print(
@@ -302,12 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     console = rich.get_console()
     try:
         return args.run(args, console)
-    except (FileNotFoundError, ValueError, ImportError) as error:
-        console.print(f"[red]error:[/red] {error}")
-        return 2
-    except RuntimeError as error:
-        console.print(f"[red]{error}[/red]")
-        return 1
+    except (FisherScaleError, KeyboardInterrupt) as error:  # one line; a failed worker printed its traceback
+        console.print(f"[red]error:[/red] {error}" if str(error) else "[yellow]interrupted", soft_wrap=True)
+        return exit_code(error)
+    except Exception as error:  # a bug: the traceback, once
+        console.print_exception()
+        return exit_code(error)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
+from fisher_scale.errors import InputError
 from fisher_scale.hyperparameters import HYPERPARAMETERS, hyperparameters_of
 
 
@@ -331,7 +332,7 @@ def _deepspeed_enables(deepspeed: dict[str, Any], section: str) -> bool:
     return isinstance(value, dict) and value.get("enabled") is True
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """An invalid experiment config; the message lists every offending key."""
 
 

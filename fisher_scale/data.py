@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from fisher_scale.errors import InputError, MissingInput, MissingPackage
+
 GSM8K_HUB = "openai/gsm8k"
 GLUE_HUB = "nyu-mll/glue"
 #: label of positions that carry no loss (``torch.nn.CrossEntropyLoss``'s default ignore_index)
@@ -52,7 +54,7 @@ def _load_hub(source: str, config: str, split: str) -> Any:
     try:
         import datasets
     except ImportError:
-        raise ImportError(
+        raise MissingPackage(
             f"loading {source!r} from the Hugging Face hub needs the datasets package: "
             "pip install datasets (or pip install 'fisher_scale[hub]'); or pass a local copy"
         ) from None
@@ -70,7 +72,7 @@ def load_gsm8k(split: str = "train", source: str | Path = GSM8K_HUB) -> list[Rec
     """
     if is_hub_id(source):
         if split not in ("train", "test"):
-            raise ValueError(f"{source} has the splits train, test; not {split!r}")
+            raise InputError(f"{source} has the splits train, test; not {split!r}")
         rows = _load_hub(str(source), "main", split)
         return [_gsm8k_record(row, f"{source}[{split}] row {index}") for index, row in enumerate(rows)]
     path = Path(source)
@@ -78,11 +80,11 @@ def load_gsm8k(split: str = "train", source: str | Path = GSM8K_HUB) -> list[Rec
         file = path / f"{split}.jsonl"
         if not file.is_file():
             present = ", ".join(sorted(p.stem for p in path.glob("*.jsonl"))) or "none"
-            raise FileNotFoundError(f"GSM8K split {split!r} not found: no {file}; splits in {path}: {present}")
+            raise MissingInput(f"GSM8K split {split!r} not found: no {file}; splits in {path}: {present}")
     elif path.is_file():
         file = path
     else:
-        raise FileNotFoundError(f"GSM8K source not found: {path}")
+        raise MissingInput(f"GSM8K source not found: {path}")
     records = []
     with file.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
@@ -91,16 +93,16 @@ def load_gsm8k(split: str = "train", source: str | Path = GSM8K_HUB) -> list[Rec
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{file}:{number}: not JSON ({error})") from None
+                raise InputError(f"{file}:{number}: not JSON ({error})") from None
             records.append(_gsm8k_record(row, f"{file}:{number}"))
     return records
 
 
 def _gsm8k_record(row: Any, where: str) -> Record:
     if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
-        raise ValueError(f"{where}: a GSM8K record needs string fields question and answer")
+        raise InputError(f"{where}: a GSM8K record needs string fields question and answer")
     if not _GSM8K_FINAL.search(row["answer"]):
-        raise ValueError(f"{where}: the answer has no final '#### <number>' line")
+        raise InputError(f"{where}: the answer has no final '#### <number>' line")
     return {"question": row["question"], "answer": row["answer"]}
 
 
@@ -259,7 +261,7 @@ def glue_task(name: str) -> GlueTask:
     key = _task_key(name)
     task = GLUE_TASKS.get("mnli" if key in ("mnlim", "mnlimm") else key)
     if task is None:
-        raise ValueError(f"unknown GLUE task {name!r}; tasks: {', '.join(t.folder for t in GLUE_TASKS.values())}")
+        raise InputError(f"unknown GLUE task {name!r}; tasks: {', '.join(t.folder for t in GLUE_TASKS.values())}")
     return task
 
 
@@ -270,7 +272,7 @@ def glue_split(task: str, split: str) -> str:
     if spec.name == "mnli" and split == "dev" and key != "mnli":
         split = "dev_mismatched" if key == "mnlimm" else "dev_matched"
     if split not in spec.splits:
-        raise ValueError(f"GLUE {spec.folder} has the splits {', '.join(spec.splits)}; not {split!r}")
+        raise InputError(f"GLUE {spec.folder} has the splits {', '.join(spec.splits)}; not {split!r}")
     return split
 
 
@@ -286,15 +288,13 @@ def load_glue(task: str, split: str = "train", source: str | Path = GLUE_HUB) ->
     folder = Path(source) / spec.folder
     if not folder.is_dir():
         if not Path(source).is_dir():
-            raise FileNotFoundError(f"GLUE source not found: {source}")
+            raise MissingInput(f"GLUE source not found: {source}")
         present = sorted(t.folder for t in GLUE_TASKS.values() if (Path(source) / t.folder).is_dir())
-        raise FileNotFoundError(
-            f"no GLUE task {spec.folder} in {source}; tasks present: {', '.join(present) or 'none'}"
-        )
+        raise MissingInput(f"no GLUE task {spec.folder} in {source}; tasks present: {', '.join(present) or 'none'}")
     path = folder / f"{split}.tsv"
     if not path.is_file():
         present = [s for s in spec.splits if (folder / f"{s}.tsv").is_file()]
-        raise FileNotFoundError(
+        raise MissingInput(
             f"no {split} split for GLUE {spec.folder}: {path} missing; present: {', '.join(present) or 'none'}"
         )
     return _glue_tsv(spec, path)
@@ -310,12 +310,12 @@ def _glue_tsv(spec: GlueTask, path: Path) -> list[Record]:
             header = next(rows, [])
             missing = [c for c in spec.columns if c is not None and c not in header]
             if missing:
-                raise ValueError(f"{path}:1: header lacks column(s) {missing}; it has {header}")
+                raise InputError(f"{path}:1: header lacks column(s) {missing}; it has {header}")
             width, columns = len(header), tuple(None if c is None else header.index(c) for c in spec.columns)
         for row in rows:
             where = f"{path}:{rows.line_num}"
             if len(row) != width:
-                raise ValueError(f"{where}: expected {width} tab-separated fields, found {len(row)}")
+                raise InputError(f"{where}: expected {width} tab-separated fields, found {len(row)}")
             first, second, label = columns
             records.append(
                 {
@@ -330,14 +330,14 @@ def _glue_tsv(spec: GlueTask, path: Path) -> list[Record]:
 def _file_label(spec: GlueTask, text: str, where: str) -> float | int:
     if spec.file_labels is not None:
         if text not in spec.file_labels:
-            raise ValueError(f"{where}: label {text!r} is not one of {', '.join(spec.file_labels)}")
+            raise InputError(f"{where}: label {text!r} is not one of {', '.join(spec.file_labels)}")
         return spec.file_labels.index(text)
     try:
         score = float(text)
     except ValueError:
         score = math.nan
     if not 0 <= score <= 5:
-        raise ValueError(f"{where}: {spec.folder} score {text!r} is not a number in [0, 5]")
+        raise InputError(f"{where}: {spec.folder} score {text!r} is not a number in [0, 5]")
     return score
 
 
@@ -348,7 +348,7 @@ def _glue_hub(spec: GlueTask, split: str, source: str) -> list[Record]:
         label = row["label"]
         valid = 0 <= label <= 5 if spec.is_regression else label in range(spec.num_labels)
         if not valid:
-            raise ValueError(f"{source}/{spec.name}[{split}] row {index}: label {label!r} outside {spec.folder}'s set")
+            raise InputError(f"{source}/{spec.name}[{split}] row {index}: label {label!r} outside {spec.folder}'s set")
         records.append(
             {
                 "sentence1": row[first],
@@ -398,7 +398,7 @@ def lm_features(
     prompt, answer = encode_prompt(tokenizer, user_text), encode_completion(tokenizer, completion)
     if truncate_prompt:
         if len(answer) >= max_length:
-            raise ValueError(f"completion {completion!r} takes {len(answer)} tokens, max_length is {max_length}")
+            raise InputError(f"completion {completion!r} takes {len(answer)} tokens, max_length is {max_length}")
         prompt = prompt[max(0, len(prompt) + len(answer) - max_length) :]
     ids = [*prompt, *answer][:max_length]
     labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_length]

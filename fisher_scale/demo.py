@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fisher_scale.errors import InputError, MissingInput
 from fisher_scale.models import Lora, TinyLM, apply_lora, tiny_causal_lm
 from fisher_scale.optim import FisherOptimizer, build_optimizer, optimizer_state_bytes
 
@@ -27,7 +28,7 @@ DEMO_LR = {"adamw": 3e-3, "adafisher": 3e-3, "adafisherw": 3e-3, "adafish": 0.3}
 def gsm8k_byte_chunks(path: Path, seq_len: int, batch_size: int, count: int) -> list[dict[str, torch.Tensor]]:
     """``count`` batches of ``seq_len`` UTF-8 bytes of GSM8K question/answer text (ids = byte + 3, as ByT5)."""
     if not path.is_file():
-        raise FileNotFoundError(f"GSM8K file not found: {path} (expected the jsonl of ../shared/data/gsm8k)")
+        raise MissingInput(f"GSM8K file not found: {path} (expected the jsonl of ../shared/data/gsm8k)")
     needed = seq_len * batch_size * count
     stream = bytearray()
     with path.open(encoding="utf-8") as lines:
@@ -36,11 +37,11 @@ def gsm8k_byte_chunks(path: Path, seq_len: int, batch_size: int, count: int) -> 
                 record = json.loads(line)
                 stream += f"Question: {record['question']}\nAnswer: {record['answer']}\n\n".encode()
             except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(f"{path}:{number}: not a GSM8K record with question and answer ({error})") from None
+                raise InputError(f"{path}:{number}: not a GSM8K record with question and answer ({error})") from None
             if len(stream) >= needed:
                 break
     if len(stream) < needed:
-        raise ValueError(f"{path} holds {len(stream)} bytes of text, fewer than the {needed} the demo needs")
+        raise InputError(f"{path} holds {len(stream)} bytes of text, fewer than the {needed} the demo needs")
     ids = torch.tensor(list(stream[:needed]), dtype=torch.long).add_(3).view(count, batch_size, seq_len)
     return [{"input_ids": chunk, "labels": chunk} for chunk in ids]
 

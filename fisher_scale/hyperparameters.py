@@ -12,6 +12,8 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any
 
+from fisher_scale.errors import InputError
+
 #: AdamW's β2, fixed (in ``adamw`` and in the Fisher optimizers' AdamW fallback)
 ADAMW_BETA2 = 0.999
 EMA_MODES = ("convex", "official")
@@ -62,7 +64,7 @@ class AdamWHyperparameters:
         for spec in dataclasses.fields(self):
             value = getattr(self, spec.name)
             if not _valid(spec, value):
-                raise ValueError(f"{spec.name} must be {expected(spec)}, got {value!r}")
+                raise InputError(f"{spec.name} must be {expected(spec)}, got {value!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -113,12 +115,12 @@ HYPERPARAMETERS: dict[str, type[AdamWHyperparameters]] = {
 def hyperparameters_of(name: str, values: dict[str, Any]) -> AdamWHyperparameters:
     """``values`` checked as optimizer ``name``'s hyperparameters; unknown keys are a ``ValueError`` naming them."""
     if name not in HYPERPARAMETERS:
-        raise ValueError(f"optimizer name must be one of {sorted(HYPERPARAMETERS)}, got {name!r}")
+        raise InputError(f"optimizer name must be one of {sorted(HYPERPARAMETERS)}, got {name!r}")
     cls = HYPERPARAMETERS[name]
     accepted = [spec.name for spec in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(accepted))
     if unknown:
-        raise ValueError(f"{name} does not take {unknown} (it takes {accepted})")
+        raise InputError(f"{name} does not take {unknown} (it takes {accepted})")
     return cls(**values)
 
 

@@ -36,6 +36,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from fisher_scale.errors import InputError, MissingPackage
+
 #: vocabulary of transformers' byte-level ``ByT5Tokenizer()`` (256 bytes, 3 specials, 125 extra ids)
 BYTE_VOCAB = 384
 
@@ -197,7 +199,7 @@ def _package_folder(name: str) -> Path:
     package = OFFLINE_PACKAGES[name]
     for module in package.modules:
         if importlib.util.find_spec(module) is None:
-            raise ImportError(f"model {name!r} needs the Python module {module}: {package.install}")
+            raise MissingPackage(f"model {name!r} needs the Python module {module}: {package.install}")
     return Path(importlib.util.find_spec(package.modules[0]).submodule_search_locations[0])
 
 
@@ -371,9 +373,9 @@ def load_model(
     built whole: they are small, and their seeded initialisation stays that of one process.
     """
     if task not in ("causal_lm", "classification"):
-        raise ValueError(f"task must be 'causal_lm' or 'classification', not {task!r}")
+        raise InputError(f"task must be 'causal_lm' or 'classification', not {task!r}")
     if task == "classification" and not num_labels:
-        raise ValueError("a classification model needs num_labels (1 for regression)")
+        raise InputError("a classification model needs num_labels (1 for regression)")
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
@@ -390,7 +392,7 @@ def load_model(
             model = AutoModelForSequenceClassification.from_config(config)
         return model if dtype is None else model.to(dtype)
     if name in ("tiny-encoder", "minilm") and task == "causal_lm":
-        raise ValueError(f"{name!r} is an encoder: load it with task='classification'")
+        raise InputError(f"{name!r} is an encoder: load it with task='classification'")
     if name == "tiny-encoder":
         from transformers import BertConfig, BertForSequenceClassification
 

@@ -24,6 +24,7 @@ from fisher_scale.data import (
     load_glue,
     load_gsm8k,
 )
+from fisher_scale.errors import InputError
 from fisher_scale.eval import (
     evaluate_glue_classifier,
     evaluate_glue_lm,
@@ -69,7 +70,7 @@ class Task(ABC):
         if is_hub_id(source):
             return
         if not self.training_records(source):
-            raise ValueError(f"data.source: {source} holds no training examples of {cfg.data.dataset}")
+            raise InputError(f"data.source: {source} holds no training examples of {cfg.data.dataset}")
         if cfg.eval.enabled:
             self.evaluation_records(source)
 
@@ -100,7 +101,7 @@ class Gsm8k(Task):
 
     def check(self, cfg: ExperimentConfig) -> None:
         if cfg.model.task != "causal_lm":
-            raise ValueError("data.dataset=gsm8k needs model.task=causal_lm (its answers are generated)")
+            raise InputError("data.dataset=gsm8k needs model.task=causal_lm (its answers are generated)")
 
     def features(self, record: Record, tokenizer: Any, cfg: ExperimentConfig) -> Features:
         return gsm8k_features(record, tokenizer, cfg.data.max_length)
@@ -178,4 +179,4 @@ def task_of(dataset: str) -> Task:
         return Gsm8k()
     if kind == "glue" and name:
         return Glue(glue_task(name))
-    raise ValueError(f"data.dataset must be gsm8k or glue/<task> (glue/sst2, glue/mrpc, ...), got {dataset!r}")
+    raise InputError(f"data.dataset must be gsm8k or glue/<task> (glue/sst2, glue/mrpc, ...), got {dataset!r}")

@@ -1,13 +1,14 @@
 """MLflow: tracking URI, reachability check, experiments, parent/child runs, params, metrics, artifacts.
 
-Only the driver talks to MLflow (Tune callbacks run there), so an embedded SQLite store never sees
-concurrent writers and cluster workers need no route to the tracking server.
+Only the driver talks to MLflow (Tune callbacks run there), so cluster workers need no route to the tracking
+server. Studies started at once may share one SQLite store: its setup runs under a file lock (``sqlite_lock``).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,8 +56,34 @@ def sqlite_url(url: str) -> str:
 
 
 def tracking_uri(cfg: ExperimentConfig) -> str:
-    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite file in the working directory."""
-    return sqlite_url(cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
+    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite file in the working directory; without
+    credentials (:func:`move_credentials`)."""
+    return sqlite_url(move_credentials(cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI))
+
+
+def _netloc_without_credentials(parts: urllib.parse.SplitResult) -> str:
+    return parts.netloc.rsplit("@", 1)[-1]
+
+
+def redacted(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***``: what messages show of a store's URL."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=f"{parts.username}:***@{_netloc_without_credentials(parts)}").geturl()
+
+
+def move_credentials(uri: str) -> str:
+    """An MLflow server URI with its ``user:password@`` moved to ``$MLFLOW_TRACKING_USERNAME`` and
+    ``$MLFLOW_TRACKING_PASSWORD`` (MLflow's own way to pass them), so that no message, ``study.json`` or run
+    param holds the password; a resumed study takes them from those variables."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None:
+        return uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
+    if parts.password is not None:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password)
+    return parts._replace(netloc=_netloc_without_credentials(parts)).geturl()
 
 
 def artifact_root(uri: str) -> str | None:
@@ -85,8 +112,8 @@ def client(uri: str) -> Any:
     from mlflow import MlflowClient
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-    return MlflowClient(tracking_uri=uri)
+    with sqlite_lock(uri):  # a new SQLite store gets its tables here
+        return MlflowClient(tracking_uri=uri)
 
 
 def check_reachable(uri: str) -> None:
@@ -101,18 +128,39 @@ def check_reachable(uri: str) -> None:
             client(uri).search_experiments(max_results=1)
     except Exception as error:  # any transport or auth failure means the same to the user
         raise ConfigError(
-            f"tracking.uri: cannot reach the MLflow tracking server at {uri} ({type(error).__name__}: "
+            f"tracking.uri: cannot reach the MLflow tracking server at {redacted(uri)} ({type(error).__name__}: "
             f"{str(error).splitlines()[0][:200]}); start it, fix the URI, or set MLFLOW_TRACKING_USERNAME/PASSWORD"
         ) from None
 
 
+@contextmanager
+def sqlite_lock(url: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``<database>.lock`` beside a SQLite database (no lock for other URLs): MLflow's
+    and Optuna's first contact creates the tables, and two processes doing it at once fail ("table ... already
+    exists"). The lock goes with the process, however it ends."""
+    database = Path(url.removeprefix("sqlite:///"))
+    if not url.startswith("sqlite:///") or not database.parent.is_dir():
+        yield
+        return
+    import fcntl
+
+    with database.with_name(database.name + ".lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def experiment_id(mlflow_client: Any, name: str, uri: str) -> str:
-    """The experiment's id, creating it (artifacts beside a SQLite store) when new."""
-    found = mlflow_client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    root = artifact_root(uri)
-    return mlflow_client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+    """The experiment's id, creating it (artifacts beside a SQLite store) when new (under :func:`sqlite_lock`:
+    two studies may create it at once)."""
+    with sqlite_lock(uri):
+        found = mlflow_client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        root = artifact_root(uri)
+        return mlflow_client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
 
 
 def all_runs(
@@ -138,10 +186,10 @@ def find_run(mlflow_client: Any, experiment: str, **tags: str) -> str | None:
 
 
 def log_params(mlflow_client: Any, run_id: str, params: Mapping[str, Any]) -> None:
-    """Params in batches of MLflow's limit of 100 per request; values as strings."""
+    """Params in batches of MLflow's limit of 100 per request; values as strings, passwords in URLs redacted."""
     from mlflow.entities import Param
 
-    items = [Param(key, str(value)[:6000]) for key, value in params.items()]
+    items = [Param(key, redacted(str(value))[:6000]) for key, value in params.items()]
     for start in range(0, len(items), 100):
         mlflow_client.log_batch(run_id, params=items[start : start + 100])
 

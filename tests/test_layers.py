@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fisher_scale"
 
 #: top-level module or subpackage → layer; a module may import only from lower layers
 LAYERS = {
+    "errors": 0,
     "hyperparameters": 0,
     "config": 0,
     "optim": 1,
@@ -30,8 +31,15 @@ LAYERS = {
     "scale": 6,
     "cli": 7,
 }
-#: imports within one layer that the design has: masks select through optim's sharding seam, eval reads data's formats
-PEERS = {("masks", "optim"), ("eval", "data"), ("config", "hyperparameters")}
+#: imports within one layer that the design has: masks select through optim's sharding seam, eval reads data's
+#: formats, the config is built from the hyperparameters, and both raise the package's errors
+PEERS = {
+    ("masks", "optim"),
+    ("eval", "data"),
+    ("config", "hyperparameters"),
+    ("config", "errors"),
+    ("hyperparameters", "errors"),
+}
 
 
 def _unit(path: Path) -> str:
@@ -71,10 +79,10 @@ def test_imports_point_down_only() -> None:
 @pytest.mark.parametrize(
     ("module", "allowed", "absent"),
     [
-        ("fisher_scale.hyperparameters", {"hyperparameters"}, {"torch", "pydantic", "yaml"}),
-        ("fisher_scale.config", {"config", "hyperparameters"}, {"torch", "ray"}),
-        ("fisher_scale.optim", {"optim", "hyperparameters"}, {"pydantic", "ray", "transformers"}),
-        ("fisher_scale.masks", {"optim", "masks", "hyperparameters"}, {"pydantic", "ray", "transformers"}),
+        ("fisher_scale.hyperparameters", {"hyperparameters", "errors"}, {"torch", "pydantic", "yaml"}),
+        ("fisher_scale.config", {"config", "hyperparameters", "errors"}, {"torch", "ray"}),
+        ("fisher_scale.optim", {"optim", "hyperparameters", "errors"}, {"pydantic", "ray", "transformers"}),
+        ("fisher_scale.masks", {"optim", "masks", "hyperparameters", "errors"}, {"pydantic", "ray", "transformers"}),
     ],
 )
 def test_bottom_layers_import_alone(module: str, allowed: set[str], absent: set[str]) -> None:

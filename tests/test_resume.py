@@ -66,7 +66,7 @@ def test_nonfinite_loss_stops_with_the_step_or_is_skipped_exactly(tmp_path: Path
         "data__batch_size": 2,
         "distributed__zero_stage": stage,
     }
-    with pytest.raises(JobsFailed, match=r"FloatingPointError: non-finite (loss|gradient).* at optimizer step \d"):
+    with pytest.raises(JobsFailed, match=r"NonFiniteError: non-finite (loss|gradient).* at optimizer step \d"):
         run_jobs(2, [("fail", experiment("fail", tmp_path, **common), None)], tmp_path)
     run_jobs(2, [("skip", experiment("skip", tmp_path, train__skip_nonfinite=True, **common), None)], tmp_path)
     report = torch.load(tmp_path / "skip-reports.pt", weights_only=False)[-1]

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fisher_scale.errors import InputError, MissingInput
 from fisher_scale.optim.around_step import AroundStep
 from fisher_scale.optim.layers import full_shape
 from fisher_scale.optim.pieces import PieceMap, elementwise, whole_parameters
@@ -25,7 +26,7 @@ Mask = dict[str, Tensor]
 
 def _check_ratio(ratio: float) -> None:
     if not 0 < ratio <= 1:
-        raise ValueError(f"mask.ratio must be in (0, 1], got {ratio!r}")
+        raise InputError(f"mask.ratio must be in (0, 1], got {ratio!r}")
 
 
 #: ``mask.selection``: the highest Fisher scores (FISH), k seeded random entries, or the lowest scores
@@ -50,7 +51,7 @@ def select_mask(
     """
     _check_ratio(ratio)
     if selection not in SELECTIONS:
-        raise ValueError(f"mask.selection must be one of {SELECTIONS}, got {selection!r}")
+        raise InputError(f"mask.selection must be one of {SELECTIONS}, got {selection!r}")
     always_keep = always_keep or {}
     names = list(scores)
     flat = torch.cat([scores[n].detach().reshape(-1).float() for n in names])
@@ -61,7 +62,7 @@ def select_mask(
     kept_whole = sum(p.numel() for p in always_keep.values())
     k = round(ratio * (flat.numel() + kept_whole)) - kept_whole
     if k < 1:
-        raise ValueError(
+        raise InputError(
             f"mask.ratio={ratio} keeps {k + kept_whole} entries, no more than the {kept_whole} of the always-trained "
             "task head: raise the ratio"
         )
@@ -93,7 +94,7 @@ def equal_budget_ratio(model: nn.Module, rank: int) -> float:
             actual += pair
             target += pair * rank / layer_rank
     if actual == 0:
-        raise ValueError("equal_budget_ratio needs a PEFT LoRA model (no lora_A parameter found)")
+        raise InputError("equal_budget_ratio needs a PEFT LoRA model (no lora_A parameter found)")
     ratio = target / actual
     _check_ratio(ratio)
     return ratio
@@ -254,7 +255,7 @@ def check_mask_matches(mask: Mapping[str, Tensor], params: Mapping[str, Tensor])
         if n in params and tuple(m.shape) != full_shape(params[n])
     ]
     if missing or wrong:
-        raise ValueError(
+        raise InputError(
             "mask does not match the model: "
             + (f"unknown parameters {missing[:5]}{' ...' if len(missing) > 5 else ''}; " if missing else "")
             + (f"shape mismatches {wrong[:5]}" if wrong else "")
@@ -282,17 +283,17 @@ def load_mask(path: str | Path, model: nn.Module | None = None) -> Mask:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"mask file not found: {path}")
+        raise MissingInput(f"mask file not found: {path}")
     try:
         mask = load_file(str(path))
     except SafetensorError as error:
-        raise ValueError(f"{path} is not a safetensors mask file: {error}") from None
+        raise InputError(f"{path} is not a safetensors mask file: {error}") from None
     not_bool = [n for n, m in mask.items() if m.dtype != torch.bool]
     if not_bool:
-        raise ValueError(f"{path}: entries {not_bool[:5]} are not boolean masks")
+        raise InputError(f"{path}: entries {not_bool[:5]} are not boolean masks")
     if model is not None:
         try:
             check_mask_matches(mask, dict(model.named_parameters()))
         except ValueError as error:
-            raise ValueError(f"{path}: {error}") from None
+            raise InputError(f"{path}: {error}") from None
     return mask

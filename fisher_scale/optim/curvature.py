@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from fisher_scale.errors import NonFiniteError
 from fisher_scale.optim.distributor import all_reduce, all_reduce_numbers, rank_world
 from fisher_scale.optim.layers import LayerRule, ParamSlot, Stat, find_rules, full_shape
 
@@ -206,7 +207,7 @@ class CurvatureTracker:
             if not (torch.isfinite(h_new).all() and torch.isfinite(s_new).all()):
                 if self.nonfinite == "skip":
                     continue
-                raise FloatingPointError(
+                raise NonFiniteError(
                     f"non-finite Fisher statistic in layer {state.name!r} at optimizer step {self.steps}"
                 )
             if self.ema_mode == "official":

@@ -24,12 +24,14 @@ from typing import Any
 
 from fisher_scale import tracking
 from fisher_scale.config import ConfigError, ExperimentConfig, flatten, with_values
+from fisher_scale.errors import Interrupted, RunFailed
 from fisher_scale.train.launcher import (
     check_inputs,
     check_local_resources,
     check_model,
     check_resources,
     fit,
+    last_line,
     resolve_paths,
     start_ray,
     trainer,
@@ -41,7 +43,7 @@ from fisher_scale.train.launcher import (
 TRIAL_RESOURCES = {"node:__internal_head__": 0.001}
 
 
-class StudyInterrupted(RuntimeError):
+class StudyInterrupted(Interrupted):
     """The study stopped before all trials finished (Ctrl+C); ``--resume`` continues it."""
 
 
@@ -77,6 +79,24 @@ def write_state(root: str, state: StudyState) -> None:
     filesystem.create_dir(f"{base}/{state.study}", recursive=True)
     with filesystem.open_output_stream(f"{base}/{state.study}/study.json") as out:
         out.write(json.dumps(asdict(state), indent=2).encode())
+
+
+def claim_study_folder(root: str, name: str) -> str:
+    """A new study name, ``<name>-<YYYYmmdd-HHMMSS>``, whose folder under ``root`` this process created: a second
+    study of the same name started in the same second takes the next second. (An object store has no atomic
+    folder creation: there two studies of one name started within a second may still collide.)"""
+    filesystem, base = storage_filesystem(root)
+    while True:
+        study = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if "://" in root:
+            filesystem.create_dir(f"{base}/{study}", recursive=True)
+            return study
+        Path(base).mkdir(parents=True, exist_ok=True)
+        try:
+            (Path(base) / study).mkdir()
+            return study
+        except FileExistsError:
+            time.sleep(0.1)
 
 
 def find_resumable(root: str, name: str, kind: str) -> StudyState | None:
@@ -149,7 +169,7 @@ def open_study(
     if state is None:
         # the resolved stores are kept with the study, so a resume from anywhere finds the same ones
         cfg = with_values(cfg, {"tracking.uri": uri, "tune.storage": tracking.sqlite_url(cfg.tune.storage)})
-        study = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        study = claim_study_folder(root, cfg.name)
         experiment = tracking.experiment_id(client, cfg.name, uri)
         run = client.create_run(
             experiment,
@@ -238,7 +258,7 @@ def fit_tuner(tuner: Any, state: StudyState, expected: int) -> Any:
         )
     if results.num_errors == expected:
         close_unfinished(client, state, "FAILED")
-        raise RuntimeError(f"every trial of {state.study} failed; the first error:\n{results.errors[0]}")
+        raise RunFailed(f"every trial of {state.study} failed; the first: {last_line(results.errors[0])}")
     return results
 
 

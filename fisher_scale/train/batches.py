@@ -13,11 +13,13 @@ from functools import lru_cache
 
 import torch
 
+from fisher_scale.errors import InputError
+
 
 class StepBatches:
     def __init__(self, num_examples: int, batch_size: int, accumulation: int, world: int, seed: int) -> None:
         if num_examples < 1:
-            raise ValueError("the training set is empty")
+            raise InputError("the training set is empty")
         self.num_examples, self.batch_size, self.accumulation, self.world = (
             num_examples,
             batch_size,

@@ -8,10 +8,15 @@ the ranges it owns now. Layout of a checkpoint directory:
     optimizer.rank<r>.pt     rank r's pieces, its RNG state, the Fisher factors (same on all ranks)
     mask.safetensors         the FISH mask, when one is active
     trainer_state.json       next step, workers, and the run's metrics so far
+    manifest.rank<r>.json    size and SHA-256 of each file rank r wrote, written after them
+
+Ray Train merges the ranks' folders into one checkpoint. The manifests make a damaged checkpoint (a truncated
+file, a rank's files missing) an error that names the file, checked before a resume reads anything.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -19,10 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fisher_scale.errors import DamagedCheckpoint, InputError, MissingInput
 from fisher_scale.optim import FisherOptimizer
 from fisher_scale.optim.pieces import PieceMap, elementwise
 
 STATE = "trainer_state.json"
+MANIFESTS = "manifest.rank*.json"
 
 
 def _piece_states(optimizer: torch.optim.Optimizer, pieces: PieceMap) -> list[dict[str, Any]]:
@@ -53,7 +60,7 @@ def load_optimizer(directory: Path, rank: int, world: int, optimizer: torch.opti
     ranges it copies, not every rank's state."""
     files = sorted(directory.glob("optimizer.rank*.pt"))
     if not files:
-        raise FileNotFoundError(f"{directory} holds no optimizer.rank*.pt")
+        raise MissingInput(f"{directory} holds no optimizer.rank*.pt")
     payloads = [torch.load(f, weights_only=True, mmap=True) for f in files]
     by_name: dict[str, list[dict[str, Any]]] = {}
     for payload in payloads:
@@ -92,19 +99,28 @@ def save_weights(directory: Path, model: nn.Module) -> None:
         save_file(trainable, str(directory / "model.safetensors"))
 
 
-def load_weights(directory: Path, model: nn.Module) -> None:
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if not path.is_file():
+        raise MissingInput(f"{path}: no such weights file")
+    try:
+        return load_file(str(path))
+    except SafetensorError as error:
+        raise DamagedCheckpoint(f"{path}: not a readable safetensors file ({error})") from None
+
+
+def load_weights(directory: Path, model: nn.Module) -> None:
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
 
-        weights = directory / "adapter_model.safetensors"
-        set_peft_model_state_dict(model, load_file(str(weights)))
+        set_peft_model_state_dict(model, _read_safetensors(directory / "adapter_model.safetensors"))
     else:
-        weights = load_file(str(directory / "model.safetensors"))
+        weights = _read_safetensors(directory / "model.safetensors")
         unknown = set(weights) - {n for n, _ in model.named_parameters()}
         if unknown:
-            raise ValueError(f"{directory}: weights for parameters the model lacks: {sorted(unknown)[:5]}")
+            raise InputError(f"{directory}: weights for parameters the model lacks: {sorted(unknown)[:5]}")
         params = dict(model.named_parameters())
         if not any(hasattr(p, "ds_id") for p in params.values()):
             model.load_state_dict(weights, strict=False)
@@ -122,3 +138,56 @@ def write_state(directory: Path, state: dict[str, Any]) -> None:
 
 def read_state(directory: Path) -> dict[str, Any]:
     return json.loads((directory / STATE).read_text())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, rank: int) -> None:
+    """Record every file in ``directory`` (what this rank wrote into its own folder); call it last."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.match(MANIFESTS))
+    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (directory / f"manifest.rank{rank}.json").write_text(json.dumps(entries, indent=1))
+
+
+def check_files(directory: Path) -> None:
+    """Every file the manifests in ``directory`` list is there, whole and unchanged."""
+    for manifest in sorted(directory.glob(MANIFESTS)):
+        try:
+            entries = json.loads(manifest.read_text())
+        except (OSError, ValueError) as error:
+            raise DamagedCheckpoint(f"{manifest}: unreadable manifest ({error})") from None
+        for name, entry in entries.items():
+            path = directory / name
+            if not path.is_file():
+                raise DamagedCheckpoint(f"{path}: missing (listed in {manifest.name})")
+            if path.stat().st_size != entry["bytes"]:
+                raise DamagedCheckpoint(
+                    f"{path}: {path.stat().st_size} bytes, {manifest.name} says {entry['bytes']} (truncated or "
+                    "overwritten)"
+                )
+            if _sha256(path) != entry["sha256"]:
+                raise DamagedCheckpoint(f"{path}: its content differs from the SHA-256 in {manifest.name}")
+
+
+def check_checkpoint(directory: Path) -> dict[str, Any]:
+    """The trainer state of a whole checkpoint: every rank's manifest present and every file matching it."""
+    if not (directory / STATE).is_file():
+        raise MissingInput(f"{directory} is not a fisher-scale checkpoint directory (no {STATE})")
+    try:
+        state = read_state(directory)
+        workers = int(state["workers"])
+    except (OSError, ValueError, KeyError) as error:
+        raise DamagedCheckpoint(f"{directory / STATE}: unreadable ({type(error).__name__}: {error})") from None
+    manifests = len(list(directory.glob(MANIFESTS)))
+    if manifests != workers:
+        raise DamagedCheckpoint(
+            f"{directory}: written by {workers} rank(s) but holds {manifests} manifest.rank*.json: files are missing"
+        )
+    check_files(directory)
+    return state

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from fisher_scale.config import ExperimentConfig
+from fisher_scale.errors import InputError, MissingInput
 from fisher_scale.tasks import task_of
 
 
@@ -17,10 +18,14 @@ def eval_metric_names(cfg: ExperimentConfig) -> set[str]:
 
 
 def adapter_directory(path: Path) -> Path:
-    """The adapter a path names: an adapter directory, or a run's output or checkpoint directory holding one."""
+    """The adapter a path names: an adapter directory, or a run's output or checkpoint directory holding one
+    (a checkpoint's files are checked against its manifests)."""
+    from fisher_scale.train.checkpoint import check_files
+
     adapter = path / "adapter" if (path / "adapter").is_dir() else path
     if not adapter.is_dir():
-        raise FileNotFoundError(f"--checkpoint: no adapter directory at {path}")
+        raise MissingInput(f"--checkpoint: no adapter directory at {path}")
+    check_files(path)
     return adapter
 
 
@@ -32,7 +37,7 @@ def evaluate_checkpoint(cfg: ExperimentConfig, adapter: Path) -> dict[str, float
     from fisher_scale.train.worker import build_model
 
     if cfg.distributed.use_gpu and not torch.cuda.is_available():
-        raise RuntimeError("distributed.use_gpu=true, but torch sees no CUDA device")
+        raise InputError("distributed.use_gpu=true, but torch sees no CUDA device")
     model = build_model(cfg, task_of(cfg.data.dataset).num_labels(cfg))
     load_weights(adapter, model)
     model.to("cuda" if cfg.distributed.use_gpu else "cpu").eval()

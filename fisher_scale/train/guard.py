@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fisher_scale.errors import NonFiniteError
 from fisher_scale.optim import FisherOptimizer
 from fisher_scale.optim.distributor import all_reduce_numbers
 from fisher_scale.optim.pieces import PieceMap
@@ -51,13 +52,13 @@ class NonFiniteGuard:
         if not (applied or self._skipping):
             if not (self.skip or self.loss_scaling):
                 what = "loss" if self._bad_loss else "gradient"
-                raise FloatingPointError(
+                raise NonFiniteError(
                     f"non-finite {what} at optimizer step {self.step}: DeepSpeed found the gradient norm non-finite "
                     "and dropped the step"
                 )
             self.skipped += 1
         if not (loss_finite or self.skip):
-            raise FloatingPointError(f"non-finite loss at optimizer step {self.step}")
+            raise NonFiniteError(f"non-finite loss at optimizer step {self.step}")
 
     def _first_bad_parameter(self) -> str | None:
         for group in self.optimizer.param_groups:
@@ -79,9 +80,9 @@ class NonFiniteGuard:
                 return
             where = "loss" if flag == 2 else f"gradient in parameter {bad!r}" if bad else "gradient on another rank"
             if not self.skip:
-                raise FloatingPointError(f"non-finite {where} at optimizer step {self.step}")
+                raise NonFiniteError(f"non-finite {where} at optimizer step {self.step}")
             if self._calls > 1:
-                raise FloatingPointError(
+                raise NonFiniteError(
                     f"non-finite {where} at optimizer step {self.step}, first seen in step() call "
                     f"{self._calls} of that step (a later param group or ZeRO-3 sub-group): the groups stepped "
                     "before it cannot be restored, so it cannot be skipped exactly; keep the trainable parameters "

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fisher_scale.config import ConfigError, ExperimentConfig
+from fisher_scale.errors import FisherScaleError, InputError, RunFailed
 
 
 def check_resources(cfg: ExperimentConfig, available: dict[str, float]) -> None:
@@ -209,7 +210,7 @@ def trainer(
     """The ``TorchTrainer`` of one experiment (also what a Tune trial runs, with Tune's report callback).
     A second trainer with the same run name and storage resumes from that run's latest checkpoint;
     ``train.resume_from`` is read by the workers themselves (Train V2 has no ``resume_from_checkpoint``)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from fisher_scale.train.worker import train_worker
@@ -227,6 +228,8 @@ def trainer(
             callbacks=callbacks,
             failure_config=FailureConfig(max_failures=dist.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            # warnings and errors only: at INFO the controller logs a failed worker's traceback a second time
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 
@@ -238,8 +241,13 @@ def run_training(cfg: ExperimentConfig, *, run_name: str | None = None) -> dict[
     cfg = resolve_paths(cfg)
     check_inputs(cfg)
     check_writable("train.output_dir", Path(cfg.train.output_dir))
-    if cfg.train.resume_from and not (Path(cfg.train.resume_from) / "trainer_state.json").is_file():
-        raise ConfigError(f"train.resume_from: {cfg.train.resume_from} is not a fisher-scale checkpoint directory")
+    if cfg.train.resume_from:
+        from fisher_scale.train.checkpoint import check_checkpoint
+
+        try:
+            check_checkpoint(Path(cfg.train.resume_from))
+        except InputError as error:
+            raise ConfigError(f"train.resume_from: {error}") from None
     check_local_resources(cfg)
     check_model(cfg)
     start_ray(cfg)
@@ -252,14 +260,32 @@ def run_training(cfg: ExperimentConfig, *, run_name: str | None = None) -> dict[
     return fit(trainer(cfg, run_name=run_name, callbacks=[metrics_log(history)]), cfg)
 
 
+def training_failure(error: BaseException) -> FisherScaleError:
+    """What a failed Ray Train run means to the user, in one line: the exception a worker raised (bad input
+    that only a worker could see stays bad input). The worker printed its traceback already."""
+    failures = list(getattr(error, "worker_failures", {}).items())  # Train V2's WorkerGroupError
+    rank, cause = failures[0] if failures else (None, error)
+    cause = getattr(cause, "_base_exc", cause)  # Ray wraps the worker's exception with its traceback text
+    if isinstance(cause, InputError):
+        return cause
+    where = "" if rank is None else f" on rank {rank}"
+    return RunFailed(f"training failed{where}: {type(cause).__name__}: {last_line(cause)}")
+
+
+def last_line(error: BaseException) -> str:
+    """The last non-empty line of an error's text: the exception itself when the text holds a traceback."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
 def fit(torch_trainer: Any, cfg: ExperimentConfig) -> dict[str, Any]:
     """Run a trainer of ``cfg`` to the end and write ``result.json`` into ``train.output_dir``."""
     try:
         result = torch_trainer.fit()
     except Exception as error:  # Ray Train raises its worker errors from fit()
-        raise RuntimeError(f"training failed: {error}") from error
+        raise training_failure(error) from None
     if result.error is not None:
-        raise RuntimeError(f"training failed: {result.error}") from result.error
+        raise training_failure(result.error) from None
     output = Path(cfg.train.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     summary = {

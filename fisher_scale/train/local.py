@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from fisher_scale.errors import RunFailed
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -30,7 +32,7 @@ def free_port() -> int:
 Jobs = list[tuple[str, dict[str, Any], str | None]]
 
 
-class JobsFailed(RuntimeError):
+class JobsFailed(RunFailed):
     """A rank of a local job group raised; the message holds every failed rank's traceback."""
 
 

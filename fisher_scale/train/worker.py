@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import posixpath
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fisher_scale.config import ExperimentConfig
+from fisher_scale.errors import DamagedCheckpoint, InputError
 from fisher_scale.masks import DEFAULT_HEAD, MaskSchedule, equal_budget_ratio, load_mask, save_mask
 from fisher_scale.optim import FisherOptimizer, build_optimizer, optimizer_state_bytes
 from fisher_scale.optim.around_step import AroundStep
@@ -136,7 +139,7 @@ class Run:
         )
 
     def _restore(self, directory: Path) -> None:
-        state = checkpoint.read_state(directory)
+        state = checkpoint.check_checkpoint(directory)
         self.start_step = int(state["step"])
         self.history.update(state["history"])
         checkpoint.load_optimizer(directory, self.rank, self.world, self.optimizer, self.pieces)
@@ -268,6 +271,7 @@ class Run:
                     "metrics": {k: v for k, v in metrics.items() if _is_number(v)},
                 },
             )
+        checkpoint.write_manifest(directory, self.rank)
 
     def _save_output(self) -> None:
         self._save_weights(Path(self.cfg.train.output_dir))
@@ -298,8 +302,31 @@ def train_worker(config: dict[str, Any]) -> None:
     restored = ray.train.get_checkpoint()
     cfg = ExperimentConfig.model_validate(config)
     with contextlib.ExitStack() as stack:
-        directory = Path(stack.enter_context(restored.as_directory())) if restored else None
+        directory = newest_intact(restored, stack) if restored else None
         if directory is None and cfg.train.resume_from:
             directory = Path(cfg.train.resume_from)
         run = Run(cfg, context.get_world_rank(), context.get_world_size(), reporter=report, restored=directory)
     run.train()
+
+
+def newest_intact(latest: Any, stack: contextlib.ExitStack) -> Path:
+    """The local folder of the newest intact checkpoint of this run, from Ray's latest (``latest``) back through
+    the older ones Ray kept (``train.keep_checkpoints``); a damaged one is skipped with a warning naming the file.
+    Every rank checks the same files, so all ranks pick the same checkpoint."""
+    import pyarrow.fs
+    import ray.train
+
+    parent = posixpath.dirname(latest.path.rstrip("/"))
+    kept = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    older = {i.path for i in kept if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")}
+    damage = []
+    for path in sorted({p for p in older if p < latest.path} | {latest.path}, reverse=True):
+        directory = Path(stack.enter_context(ray.train.Checkpoint(path, filesystem=latest.filesystem).as_directory()))
+        try:
+            checkpoint.check_checkpoint(directory)
+        except InputError as error:
+            warnings.warn(f"skipping a damaged checkpoint: {error}", stacklevel=2)
+            damage.append(str(error))
+            continue
+        return directory
+    raise DamagedCheckpoint("no intact checkpoint to resume from: " + "; ".join(damage))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fisher_scale import tracking
+from fisher_scale.errors import InputError
 from fisher_scale.train.metrics import LOSS, TRAIN_TIME
 
 
@@ -305,7 +306,9 @@ def compare_experiment(
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = [e.name for e in client.search_experiments()]
-        raise ValueError(f"no MLflow experiment {experiment!r} at {uri}; experiments there: {', '.join(names)}")
+        raise InputError(
+            f"no MLflow experiment {experiment!r} at {tracking.redacted(uri)}; experiments there: {', '.join(names)}"
+        )
     studies = tracking.all_runs(
         client,
         found.experiment_id,
@@ -313,7 +316,7 @@ def compare_experiment(
         order_by=["start_time DESC"],
     )
     if not studies:
-        raise ValueError(f"experiment {experiment!r} has no fisher-scale study runs")
+        raise InputError(f"experiment {experiment!r} has no fisher-scale study runs")
     newest = studies[0].data
     metric = metric or newest.params.get("tune.metric", LOSS)
     mode = mode or newest.params.get("tune.mode", "min")

@@ -46,9 +46,11 @@ def optuna_storage(url: str) -> Any:
 
     url = tracking.sqlite_url(url)
     try:
-        return optuna.storages.RDBStorage(url)
+        with tracking.sqlite_lock(url):  # creating the tables is not safe against a second study doing it
+            return optuna.storages.RDBStorage(url)
     except Exception as error:  # sqlalchemy raises many kinds; the user needs the URL and the reason
-        raise ConfigError(f"tune.storage: cannot open Optuna storage {url}: {error}") from None
+        reason = str(error).replace(url, tracking.redacted(url))
+        raise ConfigError(f"tune.storage: cannot open Optuna storage {tracking.redacted(url)}: {reason}") from None
 
 
 def _searched(cfg: ExperimentConfig) -> set[str]:
