@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -203,3 +204,31 @@ def test_identical_studies_started_at_once_get_their_own_folders_in_one_database
     assert all(s.startswith("same-") for s in studies), outcomes
     assert len(set(studies)) == 3 and len(set(experiments)) == 1, outcomes
     assert {p.name for p in (tmp_path / "ray").iterdir()} == set(studies)
+
+
+def test_credentials_in_store_urls_are_never_printed_or_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A password in ``tracking.uri`` goes to MLflow's credential variables (a resumed study takes them from
+    there), one in any other URL is shown as ``***``: in errors, in the printed links and in MLflow params."""
+    from fisher_scale import tracking
+    from fisher_scale.tune.study import optuna_storage
+
+    for variable in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(variable, "restored after the test")
+    config = tmp_path / "tune.yaml"
+    uri = "http://alice:Zq9-secret@127.0.0.1:9/"  # port 9 (discard): nothing answers
+    tree = experiment("creds", tmp_path, tracking={"uri": uri}, tune={"metric": "loss"})
+    config.write_text(yaml.safe_dump(tree))
+    assert main(["tune", str(config)]) == 2
+    out = capsys.readouterr().out
+    assert "Zq9-secret" not in out and "cannot reach the MLflow tracking server at http://127.0.0.1:9/" in out
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "Zq9-secret"
+    with pytest.raises(InputError) as raised:
+        optuna_storage("postgresql://bob:Xy7-secret@127.0.0.1:9/optuna")
+    assert "Xy7-secret" not in str(raised.value) and "bob:***@127.0.0.1:9" in str(raised.value)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = tracking.client(uri)
+    run = client.create_run(tracking.experiment_id(client, "creds", uri))
+    tracking.log_params(client, run.info.run_id, {"tune.storage": "postgresql://bob:Xy7-secret@db:5432/optuna"})
+    assert client.get_run(run.info.run_id).data.params["tune.storage"] == "postgresql://bob:***@db:5432/optuna"

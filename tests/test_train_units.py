@@ -427,24 +427,36 @@ def test_examples_whose_prompt_fills_max_length_are_left_out_and_none_left_is_an
         check_inputs(resolve_paths(only_long))
 
 
-def test_the_ray_instance_started_is_exported_for_rays_own_helpers() -> None:
+def test_a_local_ray_instance_is_exported_for_rays_own_helpers_and_listens_on_loopback_only() -> None:
     """In a fresh process (the suite's own Ray is left alone): after ``start_ray`` ``$RAY_ADDRESS`` names the instance
-    it started, so helpers spawned from the driver join it even when the machine runs a second one."""
+    it started, so helpers spawned from the driver join it even when the machine runs a second one; and no process
+    of that instance (GCS, raylet, a worker, the agents) listens on an interface other than loopback."""
+    import ipaddress
+    import json
     import subprocess
     import sys
 
     probe = (
-        "import os, ray\n"
+        "import json, os, time, psutil, ray\n"
         "from fisher_scale.config import build_config\n"
         "from fisher_scale.train.launcher import start_ray\n"
         "os.environ.pop('RAY_ADDRESS', None)\n"
         "start_ray(build_config({}), log_to_driver=False)\n"
+        "assert ray.get(ray.remote(lambda: 1).remote()) == 1\n"  # a worker process, listening too
+        "time.sleep(2)\n"
+        "ray_processes = psutil.Process().children(recursive=True)\n"
+        "listening = [c.laddr.ip for p in ray_processes for c in p.net_connections('inet') if c.status == 'LISTEN']\n"
         "print(os.environ['RAY_ADDRESS'] == ray.get_runtime_context().gcs_address, os.environ['RAY_ADDRESS'])\n"
+        "print(json.dumps(listening))\n"
         "ray.shutdown()\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     out = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env, timeout=300
     )
-    same, address = out.stdout.split()[-2:]
+    *_, exported, sockets = out.stdout.strip().splitlines()
+    same, address = exported.split()
     assert same == "True" and address.count(":") == 1, out.stdout
+    listening = [ipaddress.ip_address(ip) for ip in json.loads(sockets)]
+    loopback = [getattr(ip, "ipv4_mapped", None) or ip for ip in listening]
+    assert len(listening) >= 4 and all(ip.is_loopback for ip in loopback), listening
