@@ -232,3 +232,38 @@ def test_credentials_in_store_urls_are_never_printed_or_recorded(
     run = client.create_run(tracking.experiment_id(client, "creds", uri))
     tracking.log_params(client, run.info.run_id, {"tune.storage": "postgresql://bob:Xy7-secret@db:5432/optuna"})
     assert client.get_run(run.info.run_id).data.params["tune.storage"] == "postgresql://bob:***@db:5432/optuna"
+
+
+def test_a_killed_driver_takes_its_local_ray_with_it() -> None:
+    """SIGKILL of a driver that started a local Ray: every process of that instance (GCS, raylet, workers, the
+    dashboard and runtime-env agents, which used to linger for minutes) is gone within seconds."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    probe = (
+        "import os, time, psutil, ray\n"
+        "from fisher_scale.config import build_config\n"
+        "from fisher_scale.train.launcher import start_ray\n"
+        "start_ray(build_config({}), log_to_driver=False)\n"
+        "assert ray.get(ray.remote(lambda: 1).remote()) == 1\n"
+        "time.sleep(2)\n"
+        "print(' '.join(str(p.pid) for p in psutil.Process().children(recursive=True)), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen([sys.executable, "-c", probe], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        ray_processes = [psutil.Process(int(pid)) for pid in driver.stdout.readline().split()]
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    assert len(ray_processes) >= 4
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(p.is_running() and p.status() != "zombie" for p in ray_processes):
+        time.sleep(0.5)
+    left = [" ".join(p.cmdline())[:80] for p in ray_processes if p.is_running() and p.status() != "zombie"]
+    assert not left, left

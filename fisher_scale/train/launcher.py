@@ -161,20 +161,25 @@ def start_ray(cfg: ExperimentConfig, *, log_to_driver: bool = True) -> None:
     """Join ``distributed.address`` (or ``$RAY_ADDRESS``) or start a local Ray instance (once per process), and
     export its address as ``$RAY_ADDRESS``: Ray's own helpers that this process starts (Ray Train's placement-group
     cleaner) then join this instance, not fail on "multiple active Ray instances" when the machine has another.
-    A local instance listens on loopback only."""
+    A local instance listens on loopback only, and ends with this process (``train.reaper``)."""
     import ray
     from ray._private import ray_constants
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    if cfg.distributed.address is None and "RAY_ADDRESS" not in os.environ:
+    local = cfg.distributed.address is None and "RAY_ADDRESS" not in os.environ
+    if local:
         # Ray's single-machine mode (its default on macOS and Windows): the node's address is 127.0.0.1, and the
         # GCS, raylet, workers and agents bind it instead of every interface. The variable reaches Ray's
         # processes; the constant is this process's copy, read when ray.init picks the node's address.
         os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
         ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(address=cfg.distributed.address, log_to_driver=log_to_driver, configure_logging=False)
+    if local:  # this process started the instance: it goes with this process, even when killed
+        from fisher_scale.train.reaper import reap_with_this_process
+
+        reap_with_this_process()
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
