@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from fisher_scale.cli import main
+from fisher_scale.config import build_config
 from fisher_scale.errors import DamagedCheckpoint, InputError, NonFiniteError, RunFailed
 from fisher_scale.train.checkpoint import check_checkpoint
 from fisher_scale.train.launcher import training_failure
@@ -267,3 +268,39 @@ def test_a_killed_driver_takes_its_local_ray_with_it() -> None:
         time.sleep(0.5)
     left = [" ".join(p.cmdline())[:80] for p in ray_processes if p.is_running() and p.status() != "zombie"]
     assert not left, left
+
+
+def test_a_resumed_run_reports_its_checkpoints_step_again_and_mlflow_keeps_one_point_per_step(
+    checkpoints: Path, tmp_path: Path
+) -> None:
+    """The report written with a checkpoint may never reach MLflow (the driver stopped as it was written): a run
+    resumed from it reports it again first; the MLflow callback logs it only where the run has no such step."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from fisher_scale import tracking
+    from fisher_scale.study.callbacks import MlflowTrials
+
+    config = yaml.safe_load((checkpoints / "run.yaml").read_text())
+    config["train"]["output_dir"] = str(tmp_path / "again")
+    run_jobs(2, [("again", config, str(checkpoints / "run-checkpoint-2"))], tmp_path)
+    first = torch.load(checkpoints / "run-reports.pt", weights_only=False)
+    again = torch.load(tmp_path / "again-reports.pt", weights_only=False)
+    assert [r["step"] for r in first] == [2, 4] and [r["step"] for r in again] == [2, 4]
+    assert again[0] == {k: v for k, v in first[0].items() if isinstance(v, int | float)}
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    experiment = tracking.experiment_id(client, "replay", uri)
+    parent = client.create_run(experiment).info.run_id
+    bases = {"adamw": build_config({"optimizer": {"name": "adamw"}}).model_dump(mode="json")}
+    trial = SimpleNamespace(trial_id="t0", config={"lr": 1e-3})
+    driver = MlflowTrials(uri, experiment, parent, "study-1", bases)
+    for step, loss in [(2, 3.0), (2, 3.0), (4, 2.5)]:  # a worker restart within the run replays step 2
+        driver.on_trial_result(0, [], trial, {"step": step, "loss": loss})
+    restarted = MlflowTrials(uri, experiment, parent, "study-1", bases)  # the driver resumed the study
+    for step, loss in [(4, 2.5), (6, 2.0)]:
+        restarted.on_trial_result(0, [], trial, {"step": step, "loss": loss})
+    history = client.get_metric_history(driver.run_id(trial), "loss")
+    assert sorted((m.step, m.value) for m in history) == [(2, 3.0), (4, 2.5), (6, 2.0)]

@@ -76,7 +76,8 @@ def test_two_worker_run_writes_adapter_result_and_metrics(ray_session: None, tmp
     }
     assert main(["train", str(config), *(arg for k, v in overrides.items() for arg in ("--set", f"{k}={v}"))]) == 0
     continued = [json.loads(line) for line in (tmp_path / "more" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in continued] == [9]  # steps 7-9 only: a fresh run would report 3, 6, 9
+    # the checkpoint's report again (step 6, as first reported), then steps 7-9 only: a fresh run reports 3, 6, 9
+    assert [r["step"] for r in continued] == [6, 9] and continued[0]["loss"] == history[-1]["loss"]
     assert continued[0]["mask/kept/all"] == pytest.approx(0.5, abs=0.01)  # the mask came back with it
 
 

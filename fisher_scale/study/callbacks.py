@@ -15,6 +15,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from fisher_scale import tracking
 from fisher_scale.config import ExperimentConfig, with_values
+from fisher_scale.train.metrics import STEP
 
 #: keys Tune adds to every result, not training metrics
 _TUNE_KEYS = {*AUTO_RESULT_KEYS, "trial_id", "done", "config", "checkpoint_dir_name", "should_checkpoint"}
@@ -94,9 +95,10 @@ class MlflowTrials(Callback):
         self._client: Any = None
         self._runs: dict[str, str] = {}
         self._outcomes: dict[str, str] = {}
+        self._logged_step: dict[str, int] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None, "_runs": {}, "_outcomes": {}}
+        return {**self.__dict__, "_client": None, "_runs": {}, "_outcomes": {}, "_logged_step": {}}
 
     @property
     def client(self) -> Any:
@@ -131,6 +133,9 @@ class MlflowTrials(Callback):
             self.client.log_dict(run_id, cfg.model_dump(mode="json"), "config.json")
         else:
             self.client.update_run(run_id, status="RUNNING")
+            logged = self.client.get_run(run_id).data.metrics.get(STEP)
+            if logged is not None:
+                self._logged_step[trial.trial_id] = int(logged)
         self._runs[trial.trial_id] = run_id
         return run_id
 
@@ -138,9 +143,15 @@ class MlflowTrials(Callback):
         self.run_id(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        """Logs a report at its step once: a resumed run reports its checkpoint's step again, which is logged
+        only when the run has nothing at that step yet (the driver stopped before logging it)."""
         run_id = self.run_id(trial)
+        step = int(result.get(STEP, 0))
+        if step <= self._logged_step.get(trial.trial_id, -1):
+            return
+        self._logged_step[trial.trial_id] = step
         metrics = {k: v for k, v in result.items() if k not in _TUNE_KEYS}
-        tracking.log_metrics(self.client, run_id, metrics, step=int(result.get("step", 0)))
+        tracking.log_metrics(self.client, run_id, metrics, step=step)
         self._tag_outcome(trial, run_id, trial_outcome(result))
         if result.get("checkpoint_path"):
             self.client.set_tag(run_id, "checkpoint", result["checkpoint_path"])

@@ -201,11 +201,19 @@ def check_local_resources(cfg: ExperimentConfig) -> None:
 
 def metrics_log(path: Path) -> Any:
     """A Ray Train callback appending every report (rank 0's metrics) to a JSON-lines file, so that the whole
-    history of a run, not just its final metrics, is readable without MLflow."""
+    history of a run, not just its final metrics, is readable without MLflow; one line per step (workers
+    restarted from a checkpoint report its step again)."""
     from ray.train.v2.api.callback import UserCallback
 
+    from fisher_scale.train.metrics import STEP
+
     class MetricsLog(UserCallback):
+        logged_step = -1
+
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            if metrics[0][STEP] <= self.logged_step:
+                return
+            self.logged_step = metrics[0][STEP]
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as out:
                 out.write(json.dumps(metrics[0], default=str) + "\n")

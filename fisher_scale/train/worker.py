@@ -111,6 +111,7 @@ class Run:
         # nested: each restores only what it changed, so the guard's skip is exact around the mask's restore
         AroundStep(self.optimizer, [self.guard, *([self.mask] if self.mask is not None else [])])
         self.history: dict[str, Any] = {"skipped_steps": 0, "train_time_s": 0.0, "eval_time_s": 0.0}
+        self.replay: dict[str, float] | None = None
         if restored is not None:
             self._restore(restored)
 
@@ -142,6 +143,7 @@ class Run:
         state = checkpoint.check_checkpoint(directory)
         self.start_step = int(state["step"])
         self.history.update(state["history"])
+        self.replay = state["metrics"]
         checkpoint.load_optimizer(directory, self.rank, self.world, self.optimizer, self.pieces)
         if self.mask is not None and (directory / "mask.safetensors").is_file():
             self.mask.restore(load_mask(directory / "mask.safetensors", self.model))
@@ -226,8 +228,13 @@ class Run:
         return metrics
 
     def train(self) -> None:
+        """Steps to ``train.steps``, reporting every ``log_every``; a resumed run first reports again what was
+        reported with its checkpoint (a driver stopped as it was written may never have recorded it; the
+        consumers keep one report per step)."""
         cfg = self.cfg.train
         window: list[dict[str, float]] = []
+        if self.replay is not None:
+            self.reporter(self.replay, None)
         for step in range(self.start_step, cfg.steps):
             started = time.perf_counter()
             if self.mask is not None:
