@@ -22,12 +22,18 @@ CLUSTER = ROOT / "cluster"
 KUBERAY = CLUSTER / "kuberay"
 LAUNCHER = {"aws": CLUSTER / "aws.yaml", "gcp": CLUSTER / "gcp.yaml"}
 RAYJOBS = {"tune": KUBERAY / "rayjob-tune.yaml", "scale": KUBERAY / "rayjob-scale.yaml"}
+RAY_ENV, SERVER_ENV = CLUSTER / "ray.env.example", CLUSTER / "mlflow-server.env.example"
+#: where the launcher configs load each env file from (file_mounts put ~/.fisher-scale/secrets there)
+RAY_ENV_FILE, SERVER_ENV_FILE = "fisher-scale-secrets/ray.env", "fisher-scale-secrets/mlflow-server.env"
 EXPECTED_FILES = [
     *LAUNCHER.values(),
     *RAYJOBS.values(),
     KUBERAY / "raycluster.yaml",
     KUBERAY / "storage.yaml",
     KUBERAY / "mlflow.yaml",
+    KUBERAY / "network-policies.yaml",
+    RAY_ENV,
+    SERVER_ENV,
     CLUSTER / "Dockerfile",
     CLUSTER / "README.md",
 ]
@@ -548,20 +554,65 @@ def test_secrets_come_from_secrets() -> None:
         for container in _containers(doc):
             for env in container.get("env", []):
                 assert not (secret_name.search(env["name"]) and "value" in env), f"{path.name}: {env['name']} inline"
-    for name, spec in cluster_specs().items():
-        refs = {
-            pod: {e["secretRef"]["name"] for c in p["containers"] for e in c.get("envFrom", []) if "secretRef" in e}
-            for pod, p in pod_specs(spec).items()
-        }
-        assert len({frozenset(r) for r in refs.values()}) == 1, (
-            f"{name}: head and workers read different Secrets {refs}"
-        )
-        assert any("mlflow" in ref for ref in refs["head"]), f"{name}: MLflow settings must come from a Secret"
     server = (CLUSTER / "mlflow-server.sh").read_text()
     needed = set(re.findall(r"\$\{(\w+):\?", server))
-    example = set(re.findall(r"^(\w+)=", (CLUSTER / "secrets.env.example").read_text(), flags=re.M))
-    assert needed and needed <= example, f"secrets.env.example lacks {needed - example}"
+    assert needed and needed <= env_names(SERVER_ENV), f"{SERVER_ENV.name} lacks {needed - env_names(SERVER_ENV)}"
     assert "--app-name basic-auth" in server
+
+
+def env_names(path: Path) -> set[str]:
+    """The variables an example env file sets."""
+    return set(re.findall(r"^(\w+)=", path.read_text(), flags=re.M))
+
+
+def _secret_refs(pod_spec: dict[str, Any]) -> set[str]:
+    return {e["secretRef"]["name"] for c in pod_spec["containers"] for e in c.get("envFrom", []) if "secretRef" in e}
+
+
+def test_each_component_gets_only_its_own_secrets() -> None:
+    """Least privilege: Ray's processes get the MLflow trials' user (not admin) and the Optuna database user, never the
+    MLflow server's database password, admin password or Flask key; the server gets its own and nothing of Ray's."""
+    server_only = env_names(SERVER_ENV) - {"MLFLOW_TRIALS_USERNAME", "MLFLOW_TRIALS_PASSWORD"}
+    assert not (env_names(RAY_ENV) & (server_only - {"PGPASSWORD"})), env_names(RAY_ENV) & server_only
+    ray_env = dict(re.findall(r"^(\w+)=(.*)$", RAY_ENV.read_text(), flags=re.M))
+    assert ray_env["MLFLOW_TRACKING_USERNAME"] != "admin"
+    assert ray_env["MLFLOW_TRACKING_URI"].startswith("http://127.0.0.1:")  # the server on the head's loopback
+    for path in LAUNCHER.values():
+        commands = launcher_commands(load_one(path))
+        for command in commands:
+            if "ray start" in command:
+                assert RAY_ENV_FILE in command and SERVER_ENV_FILE not in command, f"{path.name}: {command}"
+            if "mlflow-server.sh" in command:
+                assert SERVER_ENV_FILE in command and RAY_ENV_FILE not in command, f"{path.name}: {command}"
+        assert sum("mlflow-server.sh" in c for c in commands) == 1, path.name
+    for name, spec in cluster_specs().items():
+        refs = {pod: frozenset(_secret_refs(pod_spec)) for pod, pod_spec in pod_specs(spec).items()}
+        assert set(refs.values()) == {frozenset({"fisher-scale-mlflow", "fisher-scale-optuna-db"})}, (name, refs)
+    (deployment,) = [d for _, d in k8s_docs() if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow"]
+    assert _secret_refs(deployment["spec"]["template"]["spec"]) == {"fisher-scale-mlflow-server"}
+    assert 'host="${MLFLOW_HOST:-127.0.0.1}"' in (CLUSTER / "mlflow-server.sh").read_text()
+
+
+def test_network_policies_admit_only_the_components_that_talk() -> None:
+    """KubeRay: MLflow answers the Ray head pods (the job drivers log the runs) on 5000 and nothing else; Ray pods
+    answer each other, and on the dashboard port only the KubeRay operator's namespace and the RayJob submitters."""
+    policies = {d["metadata"]["name"]: d["spec"] for _, d in k8s_docs() if d["kind"] == "NetworkPolicy"}
+    mlflow = policies["fisher-scale-mlflow"]
+    assert mlflow["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}
+    assert mlflow["policyTypes"] == ["Ingress"]
+    (rule,) = mlflow["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"ray.io/node-type": "head"}}}]
+    assert rule["ports"] == [{"port": 5000, "protocol": "TCP"}]
+    ray = policies["fisher-scale-ray"]
+    assert ray["podSelector"] == {"matchLabels": {"ray.io/is-ray-node": "yes"}} and ray["policyTypes"] == ["Ingress"]
+    peers, dashboard = ray["ingress"]
+    assert peers == {"from": [{"podSelector": {"matchLabels": {"ray.io/is-ray-node": "yes"}}}]}
+    assert dashboard["ports"] == [{"port": 8265, "protocol": "TCP"}]
+    submitters = dashboard["from"][1]["podSelector"]["matchExpressions"][0]["values"]
+    assert sorted(submitters) == sorted(load_one(path)["metadata"]["name"] for path in RAYJOBS.values())
+    labels = {d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"] for _, d in k8s_docs()
+              if d["kind"] == "Deployment"}  # fmt: skip
+    assert labels == {"mlflow"}
 
 
 def _containers(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -644,5 +695,66 @@ def test_walkthrough_covers_the_whole_path() -> None:
         "ray down cluster/aws.yaml",
         "kubectl apply -f cluster/kuberay/rayjob-tune.yaml",
         "kubectl port-forward svc/mlflow 5000:5000",
+        "-f cluster/kuberay/network-policies.yaml",
     ):
         assert step in code, f"cluster/README.md does not show `{step}`"
+
+
+def test_mlflow_server_script_listens_on_loopback_and_gives_trials_a_user_without_admin_rights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cluster/mlflow-server.sh run for real (SQLite stores and a local artifact folder instead of PostgreSQL and a
+    bucket): it binds 127.0.0.1 only, and the trials' user it creates logs runs but cannot administer users."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.server import get_app_client
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "HOME": str(tmp_path),
+        "MLFLOW_PORT": str(port),
+        "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{tmp_path}/auth.db",
+        "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-password-1",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "k" * 32,
+        "MLFLOW_TRIALS_USERNAME": "fisher-scale",
+        "MLFLOW_TRIALS_PASSWORD": "trials-password-1",
+    }
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        ["bash", str(CLUSTER / "mlflow-server.sh")], env=env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while "created the MLflow user fisher-scale" not in (tmp_path / "server.log").read_text():
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(1)
+        tree = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
+        listening = {c.laddr.ip for p in tree for c in p.net_connections("inet") if c.status == "LISTEN"}
+        assert listening == {"127.0.0.1"}, listening
+        uri = f"http://127.0.0.1:{port}"
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "fisher-scale")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "trials-password-1")
+        client = MlflowClient(uri)
+        run = client.create_run(client.create_experiment("trials-own"))
+        client.log_metric(run.info.run_id, "loss", 1.5, step=2)
+        assert client.get_run(run.info.run_id).data.metrics == {"loss": 1.5}
+        with pytest.raises(MlflowException, match=r"PERMISSION_DENIED|Permission denied"):
+            get_app_client("basic-auth", tracking_uri=uri).create_user("intruder", "intruder-password-1")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
