@@ -304,3 +304,45 @@ def test_a_resumed_run_reports_its_checkpoints_step_again_and_mlflow_keeps_one_p
         restarted.on_trial_result(0, [], trial, {"step": step, "loss": loss})
     history = client.get_metric_history(driver.run_id(trial), "loss")
     assert sorted((m.step, m.value) for m in history) == [(2, 3.0), (4, 2.5), (6, 2.0)]
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafisher", "adafish"])
+def test_the_checkpoint_format_restores_what_torchs_state_dict_holds(name: str, tmp_path: Path) -> None:
+    """The per-piece checkpoint (by parameter name and element range, any number of ranks) and torch's
+    ``state_dict()`` (by parameter order, one process) describe the same state: one process saved and loaded
+    through the checkpoint gives the state_dict of the optimizer that saved it, tensor for tensor."""
+    import torch
+
+    from fisher_scale.optim import build_optimizer
+    from fisher_scale.optim.pieces import whole_parameters
+    from fisher_scale.train.checkpoint import load_optimizer, save_optimizer
+
+    from .conftest import lm_batch, tiny_lora_qwen2
+
+    def trained(steps: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        model = tiny_lora_qwen2(seed=0)
+        optimizer = build_optimizer(name, model, lr=1e-3)
+        for step in range(steps):
+            optimizer.zero_grad()
+            model(**lm_batch(step)).loss.backward()
+            optimizer.step()
+        return model, optimizer
+
+    model, optimizer = trained(3)
+    save_optimizer(tmp_path, 0, optimizer, whole_parameters(model))
+    fresh_model, fresh = trained(0)
+    load_optimizer(tmp_path, 0, 1, fresh, whole_parameters(fresh_model))
+    saved, loaded = optimizer.state_dict(), fresh.state_dict()
+    assert saved["state"].keys() == loaded["state"].keys() and len(saved["state"]) > 0
+
+    def same(a: object, b: object) -> bool:
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and torch.equal(a, b)
+        if isinstance(a, dict):
+            return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, list | tuple):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+        return a == b
+
+    assert same(saved["state"], loaded["state"])
+    assert same(saved.get("fisher"), loaded.get("fisher"))
