@@ -140,7 +140,9 @@ class Run:
         )
 
     def _restore(self, directory: Path) -> None:
-        state = checkpoint.check_checkpoint(directory)
+        """From a checkpoint already checked against its manifests (``newest_intact`` after a worker restart, the
+        driver for ``train.resume_from``): the files are not hashed again on every rank."""
+        state = checkpoint.read_state(directory)
         self.start_step = int(state["step"])
         self.history.update(state["history"])
         self.replay = state["metrics"]
