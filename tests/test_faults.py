@@ -334,15 +334,5 @@ def test_the_checkpoint_format_restores_what_torchs_state_dict_holds(name: str, 
     load_optimizer(tmp_path, 0, 1, fresh, whole_parameters(fresh_model))
     saved, loaded = optimizer.state_dict(), fresh.state_dict()
     assert saved["state"].keys() == loaded["state"].keys() and len(saved["state"]) > 0
-
-    def same(a: object, b: object) -> bool:
-        if isinstance(a, torch.Tensor):
-            return isinstance(b, torch.Tensor) and torch.equal(a, b)
-        if isinstance(a, dict):
-            return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-        if isinstance(a, list | tuple):
-            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-        return a == b
-
-    assert same(saved["state"], loaded["state"])
-    assert same(saved.get("fisher"), loaded.get("fisher"))
+    torch.testing.assert_close(loaded["state"], saved["state"], rtol=0, atol=0)
+    torch.testing.assert_close(loaded.get("fisher"), saved.get("fisher"), rtol=0, atol=0)
