@@ -86,6 +86,21 @@ def move_credentials(uri: str) -> str:
     return parts._replace(netloc=_netloc_without_credentials(parts)).geturl()
 
 
+def move_database_password(url: str) -> str:
+    """``tune.storage`` without a password, as the study stores it: PostgreSQL's goes to ``$PGPASSWORD``, which
+    libpq reads (a resumed study takes it from there); another database with a password in its URL is refused."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    if not parts.scheme.startswith("postgresql"):
+        raise ConfigError(
+            f"tune.storage: {redacted(url)}: the password would be stored with the study (study.json); give it to "
+            "the database driver another way (PostgreSQL: $PGPASSWORD)"
+        )
+    os.environ["PGPASSWORD"] = urllib.parse.unquote(parts.password)
+    return parts._replace(netloc=f"{parts.username}@{_netloc_without_credentials(parts)}").geturl()
+
+
 def artifact_root(uri: str) -> str | None:
     """For a SQLite store, artifacts go in ``mlartifacts/`` beside the database file (a server picks its own)."""
     if uri.startswith("sqlite:///"):

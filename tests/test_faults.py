@@ -215,7 +215,7 @@ def test_credentials_in_store_urls_are_never_printed_or_recorded(
     from fisher_scale import tracking
     from fisher_scale.tune.study import optuna_storage
 
-    for variable in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+    for variable in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PGPASSWORD"):
         monkeypatch.setenv(variable, "restored after the test")
     config = tmp_path / "tune.yaml"
     uri = "http://alice:Zq9-secret@127.0.0.1:9/"  # port 9 (discard): nothing answers
@@ -225,6 +225,13 @@ def test_credentials_in_store_urls_are_never_printed_or_recorded(
     out = capsys.readouterr().out
     assert "Zq9-secret" not in out and "cannot reach the MLflow tracking server at http://127.0.0.1:9/" in out
     assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "Zq9-secret"
+    tree["tune"]["storage"] = "mysql+pymysql://bob:Xy7-secret@127.0.0.1:9/optuna"  # no driver variable to move it to
+    config.write_text(yaml.safe_dump(tree))
+    assert main(["tune", str(config)]) == 2
+    out = capsys.readouterr().out
+    assert "Xy7-secret" not in out and "the password would be stored with the study" in out
+    stored = tracking.move_database_password("postgresql://bob:Xy7-secret@db:5432/optuna")
+    assert stored == "postgresql://bob@db:5432/optuna" and os.environ["PGPASSWORD"] == "Xy7-secret"
     with pytest.raises(InputError) as raised:
         optuna_storage("postgresql://bob:Xy7-secret@127.0.0.1:9/optuna")
     assert "Xy7-secret" not in str(raised.value) and "bob:***@127.0.0.1:9" in str(raised.value)

@@ -158,6 +158,8 @@ def open_study(
         raise ConfigError(f"--resume: no unfinished study named {cfg.name!r} under {root}")
     if state is not None:
         cfg = ExperimentConfig.model_validate(state.config)
+    else:  # what the study will store holds no password; refused before Optuna's storage is opened
+        cfg = with_values(cfg, {"tune.storage": tracking.move_database_password(cfg.tune.storage)})
     trial_cfgs = check(cfg)
     for trial_cfg in trial_cfgs:
         check_local_resources(trial_cfg)
