@@ -11,22 +11,12 @@ from typing import Any
 
 import rich
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
 from fisher_scale.errors import EXIT_INTERRUPTED, FisherScaleError, exit_code
-from fisher_scale.optim import OPTIMIZERS
 
 #: columns of the output when it is not a terminal (the tables of a study are wider than 80)
 LOG_WIDTH = 160
-
-
-def _optimizer_list(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in OPTIMIZERS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown optimizer(s) {unknown}; choose from {sorted(OPTIMIZERS)}")
-    return names
 
 
 def _seed_list(text: str) -> list[int]:
@@ -34,38 +24,6 @@ def _seed_list(text: str) -> list[int]:
         return [int(seed) for seed in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"seeds are comma-separated integers, e.g. 0,1,2; got {text!r}") from None
-
-
-def _demo(args: argparse.Namespace, console: Console) -> int:
-    from fisher_scale.demo import DEMO_LR, DemoRun, gsm8k_byte_chunks, interleaved
-    from fisher_scale.models import Lora, TinyLM
-
-    batches = gsm8k_byte_chunks(args.data, args.seq_len, args.batch_size, args.steps)
-    runs = [DemoRun(name, DEMO_LR[name], TinyLM(), Lora(rank=args.rank)) for name in args.optimizers]
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"training {len(runs)} optimizers", total=len(batches))
-        for _ in interleaved(runs, batches):
-            progress.advance(task)
-    rows = [run.finish().summary() for run in runs]
-    table = Table(title=f"LoRA r={args.rank} on GSM8K bytes, {args.steps} steps of {args.batch_size}×{args.seq_len}")
-    for column in ("optimizer", "lr", "first loss", "final loss", "step ms", "state KiB", "curvature contrast"):
-        table.add_column(column, justify="right", no_wrap=column == "optimizer")
-    for row in rows:
-        contrast = row["median_curvature_contrast"]
-        table.add_row(
-            str(row["optimizer"]),
-            f"{row['lr']:g}",
-            f"{row['first_loss']:.3f}",
-            f"{row['final_loss']:.3f}",
-            f"{1000 * row['median_step_s']:.1f}",
-            f"{row['state_bytes'] / 1024:.1f}",
-            "-" if contrast is None else f"{contrast:.3g}",
-        )
-    console.print(table)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
-        console.print(f"wrote {args.json}")
-    return 0
 
 
 def _train(args: argparse.Namespace, console: Console) -> int:
@@ -216,24 +174,9 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fisher_scale.data import default_data_dir
 
     parser = argparse.ArgumentParser(prog="fisher-scale", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train a tiny LoRA LM on GSM8K text with each optimizer, print a table")
-    demo.add_argument(
-        "--optimizers",
-        type=_optimizer_list,
-        default=list(OPTIMIZERS),
-        help="comma-separated subset of " + ",".join(OPTIMIZERS),
-    )
-    demo.add_argument("--steps", type=int, default=40)
-    demo.add_argument("--batch-size", type=int, default=4)
-    demo.add_argument("--seq-len", type=int, default=128)
-    demo.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    demo.add_argument("--data", type=Path, default=default_data_dir() / "gsm8k" / "train.jsonl")
-    demo.add_argument("--json", type=Path, help="also write the table's rows as JSON here")
-    demo.set_defaults(run=_demo)
 
     train = commands.add_parser("train", help="one training run: Ray Train + DeepSpeed ZeRO, Fisher optimizers, masks")
     train.add_argument("config", type=Path, help="experiment YAML (tune_configs/*.yaml)")

@@ -25,7 +25,6 @@ LAYERS = {
     "tracking": 3,
     "tasks": 3,
     "train": 4,
-    "demo": 4,
     "study": 5,
     "tune": 6,
     "scale": 6,
