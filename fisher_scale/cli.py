@@ -174,7 +174,6 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-
     parser = argparse.ArgumentParser(prog="fisher-scale", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
