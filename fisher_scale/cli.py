@@ -87,14 +87,21 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
                 f"{state.study}: arms compared ({cfg.tune.metric}, {cfg.tune.mode})", state.comparison, cfg.tune.metric
             )
         )
+    from fisher_scale.study.experiment import STUDY_ROOTS, storage_root
     from fisher_scale.tracking import redacted
 
     storage = redacted(cfg.tune.storage)  # made absolute when the study started
+    root = storage_root(cfg)
+    where = (
+        ""
+        if any(Path(root).expanduser().resolve() == Path(r).expanduser().resolve() for r in STUDY_ROOTS)
+        else f" --storage {root}"
+    )
     console.print(
         f"results: MLflow experiment [bold]{cfg.name}[/bold], parent run {state.parent_run_id}\n"
         f"  mlflow ui --backend-store-uri {state.tracking_uri}\n"
         f"  optuna-dashboard {storage}   (pip install optuna-dashboard)\n"
-        f"  fisher-scale compare {cfg.name}"
+        f"  fisher-scale compare {cfg.name}{where}"
     )
     return 0
 
@@ -120,6 +127,7 @@ def _comparison(args: argparse.Namespace) -> Any:
     return compare_experiment(
         args.experiment,
         tracking_uri=args.tracking_uri,
+        storage=args.storage,
         metric=args.metric,
         mode=args.mode,
         target=args.target,
@@ -214,7 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         command = commands.add_parser(name, help=purpose)
         command.add_argument("experiment", help="MLflow experiment name (the config's name)")
-        command.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+        command.add_argument(
+            "--tracking-uri",
+            help="MLflow store; default: the one the newest study of this name recorded, else $MLFLOW_TRACKING_URI, "
+            "else sqlite:///mlflow.db (never created)",
+        )
+        command.add_argument(
+            "--storage",
+            help="where the studies are (distributed.storage_path); default: outputs/ray, then ~/ray_results",
+        )
         command.add_argument("--metric", help="default: the tune.metric of the newest study")
         command.add_argument("--mode", choices=["min", "max"], help="default: the tune.mode of the newest study")
         command.add_argument("--target", type=float, help="metric value for the steps/time-to-target columns")

@@ -41,13 +41,16 @@ RUN_KINDS = {"tune": RunKinds("study", "trial"), "scale": RunKinds("scale", "poi
 COMPARE_KIND = "compare"
 
 
-def sqlite_url(url: str) -> str:
+def sqlite_url(url: str, *, create: bool = True) -> str:
     """A SQLite database URL (MLflow's or Optuna's) with an absolute path, so that every process and a
-    later ``--resume`` from another directory agree on the file; its folder is created. Others unchanged."""
+    later ``--resume`` from another directory agree on the file; its folder is created unless ``create`` is false
+    (commands that only read). Others unchanged."""
     prefix = "sqlite:///"
     if not url.startswith(prefix):
         return url
     path = Path(url.removeprefix(prefix)).resolve()
+    if not create:
+        return prefix + str(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -55,10 +58,11 @@ def sqlite_url(url: str) -> str:
     return prefix + str(path)
 
 
-def tracking_uri(cfg: ExperimentConfig) -> str:
+def tracking_uri(cfg: ExperimentConfig, *, create: bool = True) -> str:
     """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite file in the working directory; without
-    credentials (:func:`move_credentials`)."""
-    return sqlite_url(move_credentials(cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI))
+    credentials (:func:`move_credentials`). ``create=False``: a SQLite file's folder is not created."""
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    return sqlite_url(move_credentials(uri), create=create)
 
 
 def _netloc_without_credentials(parts: urllib.parse.SplitResult) -> str:

@@ -478,6 +478,47 @@ def test_resume_finds_only_the_same_study_name_and_command(tmp_path: Path) -> No
     assert find_resumable(root, "dem", "tune") is None
 
 
+def test_compare_finds_the_tracking_uri_its_newest_study_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fisher-scale compare NAME`` works as ``tune`` prints it: the store is the one the newest study of that name
+    wrote down (any command, finished or not, across the roots), not ``./mlflow.db``."""
+    from fisher_scale.study.experiment import StudyState, write_state
+    from fisher_scale.tune.compare import experiment_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # ~/ray_results, the second default root: none here
+    stores = {name: tmp_path / f"{name}.db" for name in ("old", "new", "other")}
+    for store in stores.values():
+        store.touch()
+    for root, study, store in (
+        ("outputs/ray", "tune-demo-20260101-000000", "old"),
+        (str(tmp_path / "shared"), "tune-demo-20260102-000000", "new"),
+        ("outputs/ray", "tune-demo-big-20260103-000000", "other"),
+    ):
+        write_state(root, StudyState(study, {}, f"sqlite:///{stores[store]}", "1", "r", finished=store != "new"))
+    assert experiment_tracking_uri("tune-demo", None, None) == f"sqlite:///{stores['old']}"
+    assert experiment_tracking_uri("tune-demo", None, str(tmp_path / "shared")) == f"sqlite:///{stores['new']}"
+    assert experiment_tracking_uri("tune-demo", "sqlite:///other.db", None) == f"sqlite:///{stores['other']}"
+
+
+def test_compare_never_creates_a_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no study of the name and no database where it falls back to, compare says where it looked and leaves
+    nothing behind (no file, no folder)."""
+    from fisher_scale.errors import InputError
+    from fisher_scale.tune.compare import compare_experiment
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with pytest.raises(InputError, match=r"no MLflow database at .*mlflow\.db \(no study tune-demo-<timestamp> under "):
+        compare_experiment("tune-demo")
+    with pytest.raises(InputError, match=r"no MLflow database at .*deep/mlflow\.db \(--tracking-uri\)"):
+        compare_experiment("tune-demo", tracking_uri="sqlite:///outputs/deep/mlflow.db")
+    assert list(tmp_path.iterdir()) == []  # (the home folder is never made either)
+
+
 # --- tracking server ---
 
 
@@ -598,7 +639,10 @@ def test_sweep_with_early_stopping_runs_to_the_end_tracked_on_a_server(
 
     from fisher_scale.tune.compare import compare_experiment
 
-    comparison = compare_experiment("tune-test", tracking_uri=mlflow_server, target=100.0, out=tmp_path / "compare")
+    first = compare_experiment("tune-test", tracking_uri=mlflow_server, out=tmp_path / "compare")
+    # found through the study's study.json, as `fisher-scale compare tune-test --storage ...` finds it
+    comparison = compare_experiment("tune-test", storage=str(tmp_path / "ray"), target=100.0, out=tmp_path / "compare")
+    assert comparison.tracking_uri == mlflow_server and client.get_run(first.run_id).info.lifecycle_stage == "deleted"
     assert (comparison.metric, comparison.mode, comparison.trials) == ("gsm8k/loss", "min", 6)
     rows = {row["arm"]: row for row in comparison.rows}
     assert parent.data.tags["fisher_scale.reference"] == "adamw-narrow"

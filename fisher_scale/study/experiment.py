@@ -17,7 +17,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,13 +99,13 @@ def claim_study_folder(root: str, name: str) -> str:
             time.sleep(0.1)
 
 
-def find_resumable(root: str, name: str, kind: str) -> StudyState | None:
-    """The newest unfinished study of this name and command (``tune``/``scale``) under ``root``."""
+def studies(root: str, name: str) -> Iterator[StudyState]:
+    """The studies of this name under ``root`` (folders ``<name>-<timestamp>`` with a ``study.json``), newest first."""
     from pyarrow import fs
 
     filesystem, base = storage_filesystem(root)
     if filesystem.get_file_info(base).type != fs.FileType.Directory:
-        return None
+        return
     folders = sorted(
         (info.base_name for info in filesystem.get_file_info(fs.FileSelector(base))),
         reverse=True,
@@ -117,10 +117,27 @@ def find_resumable(root: str, name: str, kind: str) -> StudyState | None:
         if filesystem.get_file_info(path).type != fs.FileType.File:
             continue
         with filesystem.open_input_stream(path) as stream:
-            state = StudyState(**json.loads(stream.read()))
-        if not state.finished and state.kind == kind:
-            return state
-    return None
+            yield StudyState(**json.loads(stream.read()))
+
+
+def find_resumable(root: str, name: str, kind: str) -> StudyState | None:
+    """The newest unfinished study of this name and command (``tune``/``scale``) under ``root``."""
+    return next((s for s in studies(root, name) if not s.finished and s.kind == kind), None)
+
+
+#: where ``compare`` and ``report`` look for an experiment's studies unless told (``--storage``): the shipped
+#: configs' local ``distributed.storage_path`` (relative to the working directory), then Ray's default
+STUDY_ROOTS = ("outputs/ray", "~/ray_results")
+
+
+def newest_study(name: str, roots: Sequence[str] = STUDY_ROOTS) -> StudyState | None:
+    """The newest study of this name under any of ``roots`` (finished or not, any command)."""
+    found = [
+        state
+        for root in roots
+        if (state := next(studies(str(Path(root).expanduser()) if "://" not in root else root, name), None))
+    ]
+    return max(found, key=lambda state: state.study, default=None)
 
 
 def run_trial(values: dict[str, Any], bases: dict[str, dict[str, Any]] | None = None, root: str = "") -> None:

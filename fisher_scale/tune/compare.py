@@ -9,6 +9,7 @@ and time to a target measured in training time only (``time/train_s`` excludes e
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -287,20 +288,48 @@ class Comparison:
     plots: list[Path] = field(default_factory=list)
 
 
+def experiment_tracking_uri(experiment: str, tracking_uri: str | None, storage: str | None) -> str:
+    """Where an experiment's runs are: ``tracking_uri`` when given, else the one its newest study recorded
+    (``study.json`` under ``storage``, else under :data:`STUDY_ROOTS`), else ``$MLFLOW_TRACKING_URI`` or
+    ``./mlflow.db``. A SQLite database that does not exist is an error, not created: these commands read."""
+    from fisher_scale.config import ExperimentConfig, TrackingConfig
+    from fisher_scale.study.experiment import STUDY_ROOTS, newest_study
+
+    roots = (storage,) if storage else STUDY_ROOTS
+    study = None if tracking_uri else newest_study(experiment, roots)
+    if study is not None:
+        uri, source = study.tracking_uri, f"recorded by study {study.study}"
+    else:
+        uri = tracking.tracking_uri(ExperimentConfig(tracking=TrackingConfig(uri=tracking_uri)), create=False)
+        fallback = "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default"
+        source = (
+            "--tracking-uri"
+            if tracking_uri
+            else f"no study {experiment}-<timestamp> under {', '.join(roots)}: {fallback}"
+        )
+    database = Path(uri.removeprefix("sqlite:///"))
+    if uri.startswith("sqlite:///") and not database.is_file():
+        raise InputError(
+            f"no MLflow database at {database} ({source}); name the study folders with --storage or the store "
+            "with --tracking-uri"
+        )
+    return uri
+
+
 def compare_experiment(
     experiment: str,
     *,
     tracking_uri: str | None = None,
+    storage: str | None = None,
     metric: str | None = None,
     mode: str | None = None,
     target: float | None = None,
     equal: bool = True,
     out: Path = Path("outputs/compare"),
 ) -> Comparison:
-    """The comparison over every study of an MLflow experiment, logged as a ``compare`` run in it."""
-    from fisher_scale.config import ExperimentConfig, TrackingConfig
-
-    uri = tracking.tracking_uri(ExperimentConfig(tracking=TrackingConfig(uri=tracking_uri)))
+    """The comparison over every study of an MLflow experiment (found by :func:`experiment_tracking_uri`), logged
+    as the experiment's one ``compare`` run: an earlier one is deleted."""
+    uri = experiment_tracking_uri(experiment, tracking_uri, storage)
     tracking.check_reachable(uri)
     client = tracking.client(uri)
     found = client.get_experiment_by_name(experiment)
@@ -325,6 +354,10 @@ def compare_experiment(
         records = equal_budget(records)
     rows = comparison_table(records, metric, mode, target, reference=newest.tags.get(tracking.REFERENCE_TAG))
     searched = sorted({key for run in studies for key in run.data.tags.get("searched", "").split(",") if key})
+    for earlier in tracking.all_runs(
+        client, found.experiment_id, f"tags.`{tracking.KIND_TAG}` = '{tracking.COMPARE_KIND}'"
+    ):
+        client.delete_run(earlier.info.run_id)
     run = client.create_run(
         found.experiment_id, run_name=tracking.COMPARE_KIND, tags={tracking.KIND_TAG: tracking.COMPARE_KIND}
     )
