@@ -17,7 +17,7 @@ from fisher_scale.config import ConfigError, build_config
 from fisher_scale.data import default_data_dir
 from fisher_scale.study.callbacks import split_study_key
 from fisher_scale.train.local import free_port
-from fisher_scale.tune.compare import TrialRecord, comparison_table, equal_budget
+from fisher_scale.tune.compare import Comparison, TrialRecord, comparison_table, equal_budget
 from fisher_scale.tune.space import check_study, optuna_distributions, study_spaces
 
 needs_data = pytest.mark.skipif(
@@ -297,6 +297,41 @@ def test_comparison_table_medians_over_studies_and_time_to_target() -> None:
     assert rows["adamw"]["best m"] == 0.8 and "median steps to target" not in rows["adamw"]
 
 
+def test_comparison_ranks_arms_and_names_each_arms_best_trial_and_its_values() -> None:
+    """Rows come best first by the median of the study bests, rank 1 the winner (an arm without a finite value
+    last, unranked), each naming its best trial and that trial's searched values (only the keys it used)."""
+    from fisher_scale.tune.report import markdown_report
+
+    def trial(trial_id: str, arm: str, final: float, params: dict[str, str]) -> TrialRecord:
+        rec = TrialRecord(f"run-{trial_id}", "A", arm, 0, params, trial_id=trial_id)
+        rec.history = {"m": {10: final}}
+        return rec
+
+    records = [
+        trial("t1", "adamw", 0.80, {"lr": "0.001"}),
+        trial("t2", "adamw", 0.83, {"lr": "0.002"}),
+        trial("t3", "adafisher", 0.85, {"lr": "0.0005", "optimizer.damping": "0.01"}),
+        trial("t4", "adafish", float("nan"), {"lr": "0.02", "optimizer.damping": "0.1"}),
+        trial("t5", "adamw-fish", 0.70, {"lr": "0.003"}),
+    ]
+    searched = ["lr", "optimizer.damping"]
+    rows = comparison_table(records, "m", "max", searched=searched)
+    assert [(r["rank"], r["arm"]) for r in rows] == [
+        (1, "adafisher"),
+        (2, "adamw"),
+        (3, "adamw-fish"),
+        (None, "adafish"),
+    ]
+    assert list(rows[0])[:2] == ["rank", "arm"]
+    assert (rows[1]["best trial"], rows[1]["best values"]) == ("t2", "lr=0.002")
+    assert rows[0]["best values"] == "lr=0.0005, optimizer.damping=0.01" and rows[3]["best trial"] is None
+    assert [r["arm"] for r in comparison_table(records, "m", "min")][:3] == ["adamw-fish", "adamw", "adafisher"]
+    comparison = Comparison("m", "max", 5, rows, "run", "sqlite:///x.db")
+    text = markdown_report("exp", comparison)
+    assert "| **1** | adafisher | 1 | 1 | 0.85 | t3 | lr=0.0005, optimizer.damping=0.01 |" in text
+    assert "| 2 | adamw | 2 | 1 | 0.83 | t2 | lr=0.002 |" in text
+
+
 def test_bootstrap_interval_is_the_exact_bootstrap_of_the_mean() -> None:
     """For 4 values the bootstrap distribution can be enumerated exactly (4⁴ equally likely resamples): scipy's
     seeded percentile interval lies within a sliver of its 2.5 and 97.5 percentiles."""
@@ -389,7 +424,7 @@ def test_collapsed_and_diverged_trials_are_reported_as_such(tmp_path: Path) -> N
     parent = client.create_run(experiment).info.run_id
     base = build_config({}).model_dump(mode="json")
     callback = MlflowTrials(uri, experiment, parent, "study-1", {"adamw": base})
-    table = TrialTable("adamw", "glue/sst2/accuracy", "max", [])
+    table = TrialTable("adamw", "glue/sst2/accuracy", "max", [], {"adamw": 25})
     trial = SimpleNamespace(trial_id="t1", config={}, status="RUNNING", last_result={}, error_file=None)
     tags = lambda: client.get_run(callback.run_id(trial)).data.tags.get("outcome")  # noqa: E731
     for result, expected in (
@@ -406,6 +441,66 @@ def test_collapsed_and_diverged_trials_are_reported_as_such(tmp_path: Path) -> N
     table.on_trial_complete(0, [], trial)
     table.on_experiment_end([])
     assert tags() == "collapsed" and table._rows["t1"]["status"] == "collapsed"
+
+
+def test_trials_their_scheduler_stopped_are_pruned_in_optuna_and_tagged_in_mlflow(tmp_path: Path) -> None:
+    """A trial that ends before train.steps without an error was stopped by ASHA: PRUNED in Optuna with its
+    intermediate values at the training steps (not Tune's report count) and the last one as its value, tagged
+    ``stopped_by``/``stopped_at_step`` in MLflow, ``stopped`` in the table; a trial that reaches the last step is
+    COMPLETE and untagged. The objective is named after the metric, the trials link the three systems."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from fisher_scale import tracking
+    from fisher_scale.study.callbacks import MlflowTrials, TrialTable
+    from fisher_scale.tune.study import EvalStepOptunaSearch
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    search = EvalStepOptunaSearch(
+        {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)},
+        metric="gsm8k/loss",
+        mode="min",
+        storage=optuna.storages.RDBStorage(storage),
+        study_name="study-1/adamw",
+        max_steps=12,
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    experiment = tracking.experiment_id(client, "stops", uri)
+    parent = client.create_run(experiment).info.run_id
+    base = build_config({"train": {"steps": 12}}).model_dump(mode="json")
+    callback = MlflowTrials(uri, experiment, parent, "study-1", {"adamw": base}, scheduler="asha")
+    table = TrialTable("study-1", "gsm8k/loss", "min", ["lr"], {"adamw": 12})
+    trials = {}
+    for trial_id, last_step in (("stopped", 8), ("finished", 12)):
+        trials[trial_id] = trial = SimpleNamespace(
+            trial_id=trial_id, config=search.suggest(trial_id), status="RUNNING", last_result={}, error_file=None
+        )
+        for iteration, step in enumerate(range(4, last_step + 1, 4), 1):
+            result = {"step": step, "training_iteration": iteration, "gsm8k/loss": 3.0 - step / 10}
+            if step < last_step:  # Tune gives the result a trial ends on to on_trial_complete only
+                search.on_trial_result(trial_id, result)
+            search.on_trial_result(trial_id, {"step": step + 2, "training_iteration": iteration, "loss": 1.0})
+            callback.on_trial_result(0, [], trial, result)
+        trial.last_result = result
+        search.on_trial_complete(trial_id, result)
+        callback.on_trial_complete(0, [], trial)
+        table.on_trial_complete(0, [], trial)
+    table.on_experiment_end([])
+
+    study = optuna.load_study(study_name="study-1/adamw", storage=storage)
+    assert study.metric_names == ["gsm8k/loss"]
+    stopped, finished = study.trials
+    assert stopped.state == optuna.trial.TrialState.PRUNED and finished.state == optuna.trial.TrialState.COMPLETE
+    assert stopped.intermediate_values == {4: pytest.approx(2.6), 8: pytest.approx(2.2)}
+    assert sorted(finished.intermediate_values) == [4, 8, 12]
+    assert stopped.value == pytest.approx(2.2) and finished.value == pytest.approx(1.8)
+    assert [t.user_attrs for t in study.trials] == [{"ray_trial_id": "stopped"}, {"ray_trial_id": "finished"}]
+    tags = {t: client.get_run(callback.run_id(trials[t])).data.tags for t in trials}
+    assert (tags["stopped"]["stopped_by"], tags["stopped"]["stopped_at_step"]) == ("asha", "8")
+    assert "stopped_by" not in tags["finished"] and tags["finished"]["optuna_study"] == "study-1/adamw"
+    assert {t: row["status"] for t, row in table._rows.items()} == {"stopped": "stopped", "finished": "TERMINATED"}
 
 
 def test_importances_come_from_the_study_optuna_stored(tmp_path: Path) -> None:
@@ -611,7 +706,7 @@ def test_sweep_with_early_stopping_runs_to_the_end_tracked_on_a_server(
     assert any(
         a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time for a in narrow for b in wide
     )
-    last_steps = []
+    last_steps, stopped_at = [], {}
     for child in children:
         assert child.data.params["optimizer.name"] == "adamw" and "lr" in child.data.params
         assert child.data.params["peft.rank"] == ("2" if child in narrow else "4")
@@ -620,6 +715,11 @@ def test_sweep_with_early_stopping_runs_to_the_end_tracked_on_a_server(
         evals = client.get_metric_history(child.info.run_id, "gsm8k/loss")
         assert [m.step for m in evals] == sorted({m.step for m in evals}) and evals
         last_steps.append(max(m.step for m in losses))
+        if last_steps[-1] < cfg.train.steps:
+            assert child.data.tags["stopped_by"] == "asha"
+            stopped_at[child.data.tags["ray_trial_id"]] = int(child.data.tags["stopped_at_step"])
+        else:
+            assert "stopped_by" not in child.data.tags
     assert min(last_steps) < cfg.train.steps, f"ASHA stopped nothing: last steps {last_steps}"
     assert max(last_steps) == cfg.train.steps
     for child, last in zip(children, last_steps, strict=True):  # ASHA lets a trial at the last step finish
@@ -629,9 +729,14 @@ def test_sweep_with_early_stopping_runs_to_the_end_tracked_on_a_server(
         best = state.best[label]
         assert best["trial_id"] in {c.data.tags["ray_trial_id"] for c in runs}
         assert {a.path for a in client.list_artifacts(best["run_id"], "adapter")} >= {"adapter/adapter_config.json"}
-        assert best["importances"] == {"lr": pytest.approx(1.0)}  # the only searched key
         study = optuna.load_study(study_name=f"{state.study}/{label}", storage=cfg.tune.storage)
-        assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
+        finished = sum(t.state.name == "COMPLETE" for t in study.trials)  # lr: the only searched key
+        assert best["importances"] == ({"lr": pytest.approx(1.0)} if finished >= 3 else {}), finished
+        assert len(study.trials) == 3 and study.metric_names == ["gsm8k/loss"]
+        for trial in study.trials:  # pruned where ASHA stopped it, intermediate values at the eval steps
+            ray_id = trial.user_attrs["ray_trial_id"]
+            assert trial.state.name == ("PRUNED" if ray_id in stopped_at else "COMPLETE")
+            assert sorted(trial.intermediate_values) == list(range(4, stopped_at.get(ray_id, 12) + 1, 4))
     parent_artifacts = {a.path for a in client.list_artifacts(state.parent_run_id)}
     assert {"best_adapter", "plots", "config.json", "comparison.json"} <= parent_artifacts
     plots = {a.path for a in client.list_artifacts(state.parent_run_id, "plots")}

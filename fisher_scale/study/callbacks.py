@@ -54,6 +54,18 @@ def study_label(config: dict[str, Any], labels: Iterable[str]) -> str:
     return only
 
 
+def optuna_study_name(study: str, key: str) -> str:
+    """The Optuna study of one study key (label and replicate) of a ``fisher-scale`` study."""
+    return f"{study}/{key}"
+
+
+def stopped_at_step(result: dict[str, Any] | None, max_steps: int) -> int | None:
+    """The step at which a trial that ended without an error stopped, when that is before ``max_steps``: only a
+    scheduler (ASHA) ends a trial early, a failure is an error and an interrupted trial does not end."""
+    step = (result or {}).get(STEP)
+    return int(step) if step is not None and step < max_steps else None
+
+
 def trial_config(bases: dict[str, dict[str, Any]], config: dict[str, Any], trial_id: str) -> ExperimentConfig:
     """The resolved config of one trial: its study's base config with its sampled point."""
     base = bases[study_label(config, bases)]
@@ -79,7 +91,9 @@ def trial_outcome(result: dict[str, Any]) -> str | None:
 class MlflowTrials(Callback):
     """One MLflow child run per trial under the study's parent run, tagged with the Ray trial id, so a
     trial resumed after an interruption logs into the run it started (no duplicates), and with its
-    ``outcome`` (:func:`trial_outcome` of its latest report)."""
+    ``outcome`` (:func:`trial_outcome` of its latest report); a trial its scheduler stopped early is tagged
+    ``stopped_by`` and ``stopped_at_step``, and a searched one names its Optuna study (``optuna_study``;
+    the Optuna trial carries the Ray trial id as a user attribute)."""
 
     def __init__(
         self,
@@ -89,9 +103,10 @@ class MlflowTrials(Callback):
         study: str,
         bases: dict[str, dict],
         kind: str = tracking.RUN_KINDS["tune"].child,
+        scheduler: str | None = None,
     ) -> None:
         self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
-        self.study, self.bases, self.kind = study, bases, kind
+        self.study, self.bases, self.kind, self.scheduler = study, bases, kind, scheduler
         self._client: Any = None
         self._runs: dict[str, str] = {}
         self._outcomes: dict[str, str] = {}
@@ -127,6 +142,8 @@ class MlflowTrials(Callback):
             }
             if replicate is not None:
                 tags[tracking.REPLICATE_TAG] = replicate
+            if self.kind == tracking.RUN_KINDS["tune"].child:
+                tags["optuna_study"] = optuna_study_name(self.study, key)
             run = self.client.create_run(self.experiment_id, run_name=f"{key}-{trial.trial_id}", tags=tags)
             run_id = run.info.run_id
             tracking.log_params(self.client, run_id, tracking.run_params(cfg))
@@ -164,6 +181,11 @@ class MlflowTrials(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self.run_id(trial)
         self._tag_outcome(trial, run_id, trial_outcome(trial.last_result or {}) or "trained")
+        steps = trial_config(self.bases, trial.config, trial.trial_id).train.steps
+        stopped = stopped_at_step(trial.last_result, steps)
+        if stopped is not None:
+            self.client.set_tag(run_id, "stopped_by", self.scheduler or "scheduler")
+            self.client.set_tag(run_id, "stopped_at_step", str(stopped))
         self.client.set_terminated(run_id, status="FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -177,8 +199,11 @@ class TrialTable(Callback):
     """A live terminal table of the experiment's trials: their study (when it runs several), status, step,
     the target metric, sampled values."""
 
-    def __init__(self, title: str, metric: str, mode: str, keys: list[str], studies: bool = False) -> None:
+    def __init__(
+        self, title: str, metric: str, mode: str, keys: list[str], steps: dict[str, int], studies: bool = False
+    ) -> None:
         self.title, self.metric, self.mode, self.keys, self.studies = title, metric, mode, keys, studies
+        self.steps = steps  # train.steps of each study: a trial that ends before them was stopped by its scheduler
         self._rows: dict[str, dict[str, Any]] = {}
         self._live: Any = None
 
@@ -234,7 +259,10 @@ class TrialTable(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         outcome = trial_outcome(trial.last_result or {})
-        self._update(trial, status="TERMINATED" if outcome in (None, "trained") else outcome)
+        if outcome in (None, "trained"):
+            steps = self.steps[study_label(trial.config, self.steps)]
+            outcome = "stopped" if stopped_at_step(trial.last_result, steps) else "TERMINATED"
+        self._update(trial, status=outcome)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._update(trial, status="ERROR")

@@ -255,8 +255,11 @@ def make_tuner(
             state.study,
             bases_json,
             kind=tracking.RUN_KINDS[state.kind].child,
+            scheduler=next(iter(bases.values())).tune.scheduler,
         ),
-        TrialTable(state.study, metric, mode, keys, studies=len(bases) > 1),
+        TrialTable(
+            state.study, metric, mode, keys, {k: b.train.steps for k, b in bases.items()}, studies=len(bases) > 1
+        ),
     ]
     return tune.Tuner(
         trainable,

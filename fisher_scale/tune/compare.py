@@ -25,7 +25,7 @@ from fisher_scale.train.metrics import LOSS, TRAIN_TIME
 class TrialRecord:
     """One trial's run: its study (``<study>/seed<n>`` for a replicate of ``tune.seeds``: each is one repeated
     study for the statistics), arm (the Optuna study's label: an optimizer, or ``<optimizer>-<arm>``),
-    searched values and metric histories (step → value)."""
+    searched values, metric histories (step → value) and Ray trial id."""
 
     run_id: str
     study: str
@@ -33,6 +33,7 @@ class TrialRecord:
     start_time: int
     params: dict[str, str]
     history: dict[str, dict[int, float]] = field(default_factory=dict)
+    trial_id: str = ""
 
     def final(self, key: str) -> float | None:
         values = self.history.get(key, {})
@@ -61,6 +62,7 @@ def load_trials(client: Any, experiment_id: str, metric: str, study: str | None 
             run.data.tags.get("study_label") or run.data.tags.get("optimizer", "?"),
             run.info.start_time,
             dict(run.data.params),
+            trial_id=run.data.tags.get(tracking.TRIAL_TAG, ""),
         )
         for key in {metric, LOSS, TRAIN_TIME}:
             record.history[key] = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
@@ -130,8 +132,10 @@ def comparison_table(
     mode: str,
     target: float | None = None,
     reference: str | None = None,
+    searched: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
-    """Per arm: trials, best final metric, median over studies (seeds) of each study's best, its mean with a
+    """Per arm, ranked by the median of the study bests (rank 1: the winner): trials, best final metric, the
+    best trial and its ``searched`` values, median over studies (seeds) of each study's best, its mean with a
     95 % bootstrap interval, the paired difference to the ``reference`` arm's study bests (default: adamw, else
     the first by name) with its interval and verdict (:func:`paired_verdict`), and the median over studies of
     the fewest steps / least training time to reach ``target``."""
@@ -139,7 +143,8 @@ def comparison_table(
     bests: dict[str, dict[str, float]] = {}
     for arm in sorted({r.arm for r in records}):
         mine = [r for r in records if r.arm == arm]
-        finals = [v for r in mine if (v := r.final(metric)) is not None and math.isfinite(v)]
+        finals = [(v, r) for r in mine if (v := r.final(metric)) is not None and math.isfinite(v)]
+        best = _better(mode)(finals, key=lambda pair: pair[0], default=None)
         per_study = []
         bests[arm] = {}
         steps_to_target, time_to_target = [], []
@@ -161,7 +166,9 @@ def comparison_table(
             "arm": arm,
             "trials": len(mine),
             "studies": len({r.study for r in mine}),
-            f"best {metric}": _better(mode)(finals) if finals else None,
+            f"best {metric}": None if best is None else best[0],
+            "best trial": None if best is None else best[1].trial_id or best[1].run_id,
+            "best values": None if best is None else _values_text(best[1].params, searched),
             f"median best {metric}": statistics.median(per_study) if per_study else None,
             f"mean best {metric}": statistics.fmean(per_study) if per_study else None,
             "95% interval": _interval_text(bootstrap_interval(per_study)),
@@ -181,7 +188,18 @@ def comparison_table(
         row[f"vs {reference}"] = statistics.fmean(differences) if differences and interval is not None else None
         row[f"vs {reference} 95%"] = _interval_text(interval)
         row["verdict"] = verdict
-    return rows
+    return _ranked(rows, f"median best {metric}", mode)
+
+
+def _values_text(params: dict[str, str], keys: Sequence[str]) -> str:
+    return ", ".join(f"{key}={params[key]}" for key in keys if key in params) or "-"
+
+
+def _ranked(rows: list[dict[str, Any]], key: str, mode: str) -> list[dict[str, Any]]:
+    """Rows best first by ``key`` (arms without a value last, unranked), each with its ``rank`` first."""
+    valued = sorted((r for r in rows if r[key] is not None), key=lambda r: r[key], reverse=mode == "max")
+    ranked = [{"rank": rank, **row} for rank, row in enumerate(valued, 1)]
+    return ranked + [{"rank": None, **row} for row in rows if row[key] is None]
 
 
 def plot_comparison(records: list[TrialRecord], metric: str, searched: list[str], out: Path) -> list[Path]:
@@ -257,8 +275,8 @@ def study_report(client: Any, state: Any, cfg: Any, *, plots_dir: Path) -> list[
     """At the end of a study: its comparison table and plots, logged to the study's parent run."""
     records = load_trials(client, state.experiment_id, cfg.tune.metric, study=state.study)
     reference = client.get_run(state.parent_run_id).data.tags.get(tracking.REFERENCE_TAG)
-    rows = comparison_table(records, cfg.tune.metric, cfg.tune.mode, reference=reference)
     searched = sorted(filter(None, client.get_run(state.parent_run_id).data.tags.get("searched", "").split(",")))
+    rows = comparison_table(records, cfg.tune.metric, cfg.tune.mode, reference=reference, searched=searched)
     for path in plot_comparison(records, cfg.tune.metric, searched, plots_dir):
         client.log_artifact(state.parent_run_id, str(path), "plots")
     client.log_dict(state.parent_run_id, rows, "comparison.json")
@@ -352,8 +370,9 @@ def compare_experiment(
     records = load_trials(client, found.experiment_id, metric)
     if equal:
         records = equal_budget(records)
-    rows = comparison_table(records, metric, mode, target, reference=newest.tags.get(tracking.REFERENCE_TAG))
     searched = sorted({key for run in studies for key in run.data.tags.get("searched", "").split(",") if key})
+    reference = newest.tags.get(tracking.REFERENCE_TAG)
+    rows = comparison_table(records, metric, mode, target, reference=reference, searched=searched)
     for earlier in tracking.all_runs(
         client, found.experiment_id, f"tags.`{tracking.KIND_TAG}` = '{tracking.COMPARE_KIND}'"
     ):
@@ -389,5 +408,5 @@ def rows_table(title: str, rows: list[dict[str, Any]], metric: str) -> Any:
         header = column.replace(f" {metric}", "")
         table.add_column(header, justify="left" if column == "arm" else "right", no_wrap=column in ("arm", "verdict"))
     for row in rows:
-        table.add_row(*(cell_text(value) for value in row.values()))
+        table.add_row(*(cell_text(value) for value in row.values()), style="bold" if row.get("rank") == 1 else None)
     return table

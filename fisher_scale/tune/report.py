@@ -17,7 +17,11 @@ def markdown_report(experiment: str, comparison: Comparison) -> str:
     if comparison.rows:
         columns = list(comparison.rows[0])
         lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(cell_text(row.get(c)) for c in columns) + " |" for row in comparison.rows]
+        for row in comparison.rows:  # the winner's rank in bold
+            cells = {c: cell_text(row.get(c)) for c in columns}
+            if row.get("rank") == 1:
+                cells["rank"] = "**1**"
+            lines.append("| " + " | ".join(cells.values()) + " |")
     lines += [
         "",
         "The mean and its 95 % interval are over the studies' best trials (a percentile bootstrap); the verdict "

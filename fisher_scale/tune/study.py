@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import math
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import optuna
 from ray.tune.search.optuna import OptunaSearch
 
 from fisher_scale import tracking
 from fisher_scale.config import ConfigError, ExperimentConfig, TuneConfig
-from fisher_scale.study.callbacks import STUDY_KEY, split_study_key, trial_values
+from fisher_scale.study.callbacks import STUDY_KEY, optuna_study_name, split_study_key, stopped_at_step, trial_values
 from fisher_scale.study.experiment import (
     StudyState,
     finish_study,
@@ -27,17 +29,47 @@ from fisher_scale.study.experiment import (
     start_cluster,
     storage_filesystem,
 )
+from fisher_scale.train.metrics import STEP
 from fisher_scale.tune.concurrent import StudiesScheduler, StudiesSearch
 from fisher_scale.tune.space import check_study, optuna_distributions, resource_configs
 
 
 class EvalStepOptunaSearch(OptunaSearch):
-    """Optuna search fed only the results that carry the metric: training reports eval metrics on
-    eval steps only, and ``OptunaSearch`` would fail on the other reports."""
+    """Optuna search as its users read it: the objective named after the metric; intermediate values from the
+    reports that carry the metric (eval steps only), keyed by the training step, not Tune's report count; a
+    trial the scheduler stopped before ``max_steps`` PRUNED (Optuna keeps its last intermediate value), not
+    COMPLETE; and each trial's Ray trial id as a user attribute (its MLflow run is tagged with it and with the
+    Optuna study's name)."""
+
+    def __init__(self, *args: Any, max_steps: int, **kwargs: Any) -> None:
+        self.max_steps = max_steps
+        super().__init__(*args, **kwargs)
+
+    def _setup_study(self, mode: str | list) -> None:
+        super()._setup_study(mode)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self._ot_study.set_metric_names([self._metric])
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        if trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr(tracking.TRIAL_TAG, trial_id)
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        if self.metric in result:
-            super().on_trial_result(trial_id, result)
+        if self.metric in result and trial_id not in self._completed_trials:
+            self._ot_trials[trial_id].report(result[self.metric], int(result[STEP]))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if error or trial_id in self._completed_trials or not result:
+            return super().on_trial_complete(trial_id, result=result, error=error)
+        self.on_trial_result(trial_id, result)  # Tune passes the report a trial ends on only to this method
+        if stopped_at_step(result, self.max_steps):
+            self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result=result, error=error)
 
 
 def optuna_storage(url: str) -> Any:
@@ -93,7 +125,8 @@ def _search(label: str, base: ExperimentConfig, space: dict, state: StudyState) 
         mode=cfg.mode,
         sampler=sampler,
         storage=optuna_storage(cfg.storage),
-        study_name=f"{state.study}/{label}",
+        study_name=optuna_study_name(state.study, label),
+        max_steps=base.train.steps,
     )
     scheduler = (
         ASHAScheduler(
@@ -169,10 +202,13 @@ MIN_TRIALS_FOR_IMPORTANCE = 3
 
 def importances(cfg: ExperimentConfig, state: StudyState, label: str) -> dict[str, float]:
     """Optuna's hyperparameter importances (fANOVA) in one study, by dotted key; none with fewer than
-    ``MIN_TRIALS_FOR_IMPORTANCE`` finished trials or with nothing searched."""
+    ``MIN_TRIALS_FOR_IMPORTANCE`` finished trials or with nothing searched. Trials ASHA stopped (PRUNED) do not
+    count: their values come from earlier steps than the finished trials' (Optuna leaves them out too)."""
     import optuna
 
-    study = optuna.load_study(study_name=f"{state.study}/{label}", storage=optuna_storage(cfg.tune.storage))
+    study = optuna.load_study(
+        study_name=optuna_study_name(state.study, label), storage=optuna_storage(cfg.tune.storage)
+    )
     finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if len(finished) < MIN_TRIALS_FOR_IMPORTANCE or not any(t.params for t in finished):
         return {}
