@@ -205,10 +205,14 @@ def find_run(mlflow_client: Any, experiment: str, **tags: str) -> str | None:
 
 
 def log_params(mlflow_client: Any, run_id: str, params: Mapping[str, Any]) -> None:
-    """Params in batches of MLflow's limit of 100 per request; values as strings, passwords in URLs redacted."""
+    """Params in batches of MLflow's limit of 100 per request; values as strings (floats to 6 significant digits,
+    as a reader compares them; ``config.json`` keeps them exact), passwords in URLs redacted."""
     from mlflow.entities import Param
 
-    items = [Param(key, redacted(str(value))[:6000]) for key, value in params.items()]
+    def text(value: Any) -> str:
+        return f"{value:.6g}" if isinstance(value, float) else redacted(str(value))[:6000]
+
+    items = [Param(key, text(value)) for key, value in params.items()]
     for start in range(0, len(items), 100):
         mlflow_client.log_batch(run_id, params=items[start : start + 100])
 
@@ -230,13 +234,15 @@ def log_metrics(mlflow_client: Any, run_id: str, metrics: Mapping[str, Any], ste
 
 
 def run_params(cfg: ExperimentConfig) -> dict[str, Any]:
-    """A trial's params: the flattened resolved config without the study's own sections and without the
-    ``optimizer.*`` keys its optimizer does not take (an AdamW run used no damping)."""
+    """A trial's params: the flattened resolved config without the study's own sections, without the
+    ``optimizer.*`` keys its optimizer does not take (an AdamW run used no damping) and without the base
+    config's ``train.output_dir`` (a trial writes to its own folder; its adapter is the run's artifact)."""
     from fisher_scale.config import flatten
 
     taken = {f"optimizer.{key}" for key in cfg.optimizer.hyperparameters(cfg.lr)} | {"optimizer.name"}
     return {
         k: v
         for k, v in flatten(cfg).items()
-        if not k.startswith(("tune.", "scale.", "tracking.")) and (not k.startswith("optimizer.") or k in taken)
+        if not k.startswith(("tune.", "scale.", "tracking.", "train.output_dir"))
+        and (not k.startswith("optimizer.") or k in taken)
     }

@@ -91,3 +91,16 @@ def test_a_run_logs_only_the_optimizer_keys_its_optimizer_used() -> None:
     adafisher = run_params(build_config({}))
     assert adafisher["optimizer.damping"] == 1e-3 and "optimizer.max_full_dim" not in adafisher
     assert "tune.space" not in adafisher and "lr" in adafisher
+    assert "train.output_dir" not in adafisher and "train.steps" in adafisher
+
+
+def test_params_are_logged_as_a_reader_compares_them(tmp_path) -> None:
+    """Floats to 6 significant digits (not 16), other values as text."""
+    from fisher_scale import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    run = client.create_run(tracking.experiment_id(client, "params", uri))
+    tracking.log_params(client, run.info.run_id, {"lr": 0.0012345678912345, "peft.rank": 8, "mask.enabled": False})
+    params = client.get_run(run.info.run_id).data.params
+    assert params == {"lr": "0.00123457", "peft.rank": "8", "mask.enabled": "False"}

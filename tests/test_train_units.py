@@ -460,3 +460,44 @@ def test_a_local_ray_instance_is_exported_for_rays_own_helpers_and_listens_on_lo
     listening = [ipaddress.ip_address(ip) for ip in json.loads(sockets)]
     loopback = [getattr(ip, "ipv4_mapped", None) or ip for ip in listening]
     assert len(listening) >= 4 and all(ip.is_loopback for ip in loopback), listening
+
+
+def test_a_saved_adapter_carries_a_model_card_and_names_its_base_model(tmp_path: Path) -> None:
+    """PEFT's empty template is replaced by a card naming the base model, task, optimizer, mask, metrics and the
+    run that made it; ``adapter_config.json`` names the base model, and PEFT still loads the adapter from it."""
+    import json
+
+    from peft import PeftModel
+
+    from fisher_scale.train.card import add_provenance, write_model_card
+    from fisher_scale.train.checkpoint import save_weights
+    from fisher_scale.train.worker import build_model
+
+    cfg = build_config(
+        {
+            "name": "card-test",
+            "lr": 0.02,
+            "optimizer": {"name": "adafish", "damping": 0.1},
+            "mask": {"enabled": True, "budget_rank": 4},
+            "peft": {"rank": 8},
+        }
+    )
+    model = build_model(cfg, None)
+    save_weights(tmp_path / "adapter", model)
+    metrics = {"step": 40, "loss": 1.23456, "gsm8k/accuracy": 0.125, "time/train_s": 9.0}
+    write_model_card(tmp_path / "adapter", cfg, metrics, {"experiment": "card-test", "Ray Train run": "t-1"})
+    add_provenance(tmp_path / "adapter", {"MLflow run": "abc123"})
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert card.startswith("---\nbase_model: tiny\nlibrary_name: peft\ntags: [fisher-scale, adafish, lora]\n---\n")
+    assert "| optimizer | adafish (lr=0.02, beta=0.9," in card and "damping=0.1," in card
+    assert "| FISH mask | fisher selection keeping the rank-4 count |" in card
+    assert "## Metrics at step 40" in card and "| gsm8k/accuracy | 0.125 |" in card and "| loss | 1.235 |" in card
+    assert "time/train_s" not in card
+    assert card.endswith("- experiment: card-test\n- Ray Train run: t-1\n- MLflow run: abc123\n")
+    settings = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert settings["base_model_name_or_path"] == "tiny"
+    loaded = PeftModel.from_pretrained(
+        build_model(cfg.model_copy(update={"peft": cfg.peft.model_copy(update={"enabled": False})}), None),
+        tmp_path / "adapter",
+    )
+    assert loaded.peft_config["default"].r == 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -451,9 +452,10 @@ def test_trials_their_scheduler_stopped_are_pruned_in_optuna_and_tagged_in_mlflo
     from types import SimpleNamespace
 
     import optuna
+    from rich.console import Console
 
     from fisher_scale import tracking
-    from fisher_scale.study.callbacks import MlflowTrials, TrialTable
+    from fisher_scale.study.callbacks import MlflowTrials, TrialTable, _fmt
     from fisher_scale.tune.study import EvalStepOptunaSearch
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -472,6 +474,7 @@ def test_trials_their_scheduler_stopped_are_pruned_in_optuna_and_tagged_in_mlflo
     base = build_config({"train": {"steps": 12}}).model_dump(mode="json")
     callback = MlflowTrials(uri, experiment, parent, "study-1", {"adamw": base}, scheduler="asha")
     table = TrialTable("study-1", "gsm8k/loss", "min", ["lr"], {"adamw": 12})
+    table._console = Console(file=io.StringIO(), width=80)  # a log file: one plain line per event
     trials = {}
     for trial_id, last_step in (("stopped", 8), ("finished", 12)):
         trials[trial_id] = trial = SimpleNamespace(
@@ -483,6 +486,7 @@ def test_trials_their_scheduler_stopped_are_pruned_in_optuna_and_tagged_in_mlflo
                 search.on_trial_result(trial_id, result)
             search.on_trial_result(trial_id, {"step": step + 2, "training_iteration": iteration, "loss": 1.0})
             callback.on_trial_result(0, [], trial, result)
+            table.on_trial_result(0, [], trial, result)
         trial.last_result = result
         search.on_trial_complete(trial_id, result)
         callback.on_trial_complete(0, [], trial)
@@ -501,6 +505,12 @@ def test_trials_their_scheduler_stopped_are_pruned_in_optuna_and_tagged_in_mlflo
     assert (tags["stopped"]["stopped_by"], tags["stopped"]["stopped_at_step"]) == ("asha", "8")
     assert "stopped_by" not in tags["finished"] and tags["finished"]["optuna_study"] == "study-1/adamw"
     assert {t: row["status"] for t, row in table._rows.items()} == {"stopped": "stopped", "finished": "TERMINATED"}
+    lines = table.console.file.getvalue().splitlines()
+    assert len(lines) == 2 + 3 + 2 and all(len(line) <= 80 and "\x1b" not in line for line in lines)
+    lr = _fmt(trials["stopped"].config["lr"])
+    assert lines[0] == f"trial stopped: running, step 4, loss 2.6 (best 2.6); lr={lr}"
+    assert lines[2] == f"trial stopped: stopped, step 8, loss 2.2 (best 2.2); lr={lr}"
+    assert lines[-1].startswith("trial finished: terminated, step 12, loss 1.8 (best 1.8); lr=")
 
 
 def test_importances_come_from_the_study_optuna_stored(tmp_path: Path) -> None:

@@ -197,7 +197,8 @@ class MlflowTrials(Callback):
 
 class TrialTable(Callback):
     """A live terminal table of the experiment's trials: their study (when it runs several), status, step,
-    the target metric, sampled values."""
+    the target metric, sampled values. When the output is no terminal (a log file, CI, ``ray job logs``) it is
+    one plain line per event instead, so that a running study and a hung one look different."""
 
     def __init__(
         self, title: str, metric: str, mode: str, keys: list[str], steps: dict[str, int], studies: bool = False
@@ -206,9 +207,26 @@ class TrialTable(Callback):
         self.steps = steps  # train.steps of each study: a trial that ends before them was stopped by its scheduler
         self._rows: dict[str, dict[str, Any]] = {}
         self._live: Any = None
+        self._console: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_live": None, "_rows": {}}
+        return {**self.__dict__, "_live": None, "_rows": {}, "_console": None}
+
+    @property
+    def console(self) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console()
+        return self._console
+
+    def _line(self, trial_id: str, row: dict[str, Any]) -> str:
+        study = f" ({row['study']})" if self.studies else ""
+        values = ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(row['config'].get(k))}" for k in self.keys)
+        metric = self.metric.rsplit("/", 1)[-1]
+        scores = f", {metric} {_fmt(row['last'])} (best {_fmt(row['best'])})" if row.get("last") is not None else ""
+        step = f", step {row['step']}" if row.get("step") not in (None, "") else ""
+        return f"trial {trial_id}{study}: {row['status'].lower()}{step}{scores}" + (f"; {values}" if values else "")
 
     def _render(self) -> Any:
         from rich.table import Table
@@ -238,10 +256,13 @@ class TrialTable(Callback):
         )
         row["status"] = fields.pop("status", trial.status)
         row.update(fields)
+        if not self.console.is_terminal:
+            self.console.print(self._line(trial.trial_id, row), markup=False, highlight=False, soft_wrap=True)
+            return
         if self._live is None:
             from rich.live import Live
 
-            self._live = Live(self._render(), refresh_per_second=2)
+            self._live = Live(self._render(), console=self.console, refresh_per_second=2)
             self._live.start()
         self._live.update(self._render())
 

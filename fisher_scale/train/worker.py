@@ -26,6 +26,7 @@ from fisher_scale.optim.distributor import all_reduce_numbers, from_engine
 from fisher_scale.train import checkpoint
 from fisher_scale.train import metrics as metric
 from fisher_scale.train.batches import StepBatches
+from fisher_scale.train.card import write_model_card
 from fisher_scale.train.dataset import TrainingSet, scoring_share
 from fisher_scale.train.engine import deepspeed_config, init_distributed
 from fisher_scale.train.guard import NonFiniteGuard
@@ -71,11 +72,20 @@ class Run:
     """
 
     def __init__(
-        self, cfg: ExperimentConfig, rank: int, world: int, *, reporter: Reporter, restored: Path | None = None
+        self,
+        cfg: ExperimentConfig,
+        rank: int,
+        world: int,
+        *,
+        reporter: Reporter,
+        restored: Path | None = None,
+        made_by: dict[str, str] | None = None,
     ) -> None:
         import deepspeed
 
         self.cfg, self.rank, self.world, self.reporter = cfg, rank, world, reporter
+        #: provenance lines of the adapters' model cards
+        self.made_by = {"experiment": cfg.name, **(made_by or {})}
         init_distributed(cfg.distributed.use_gpu)
         self.profiler = StepProfiler(cfg.train.profile, cuda=cfg.distributed.use_gpu)
         self.profiler.install()
@@ -235,6 +245,7 @@ class Run:
         consumers keep one report per step)."""
         cfg = self.cfg.train
         window: list[dict[str, float]] = []
+        metrics: dict[str, Any] = dict(self.replay or {})
         if self.replay is not None:
             self.reporter(self.replay, None)
         for step in range(self.start_step, cfg.steps):
@@ -262,12 +273,12 @@ class Run:
                     self.reporter(metrics, Path(tmp))
             else:
                 self.reporter(metrics, None)
-        self._save_output()
+        self._save_weights(Path(self.cfg.train.output_dir), metrics)
         self.profiler.uninstall()
 
     def _save(self, directory: Path, next_step: int, metrics: dict[str, Any]) -> None:
         history = {**self.history, "skipped_steps": self.history["skipped_steps"] + self.guard.skipped}
-        self._save_weights(directory)
+        self._save_weights(directory, metrics)
         with self.mask.full_state() if self.mask is not None else contextlib.nullcontext():
             checkpoint.save_optimizer(directory, self.rank, self.optimizer, self.pieces)
         if self.rank == 0:
@@ -282,14 +293,13 @@ class Run:
             )
         checkpoint.write_manifest(directory, self.rank)
 
-    def _save_output(self) -> None:
-        self._save_weights(Path(self.cfg.train.output_dir))
-
-    def _save_weights(self, directory: Path) -> None:
-        """Rank 0 writes the trained weights and the mask; under ZeRO-3 only the trained ones are gathered."""
+    def _save_weights(self, directory: Path, metrics: dict[str, Any]) -> None:
+        """Rank 0 writes the trained weights with their model card (``metrics``: the last report's) and the mask;
+        under ZeRO-3 only the trained ones are gathered."""
         with self.distributor.gathered([p for p in self.model.parameters() if p.requires_grad]):
             if self.rank == 0:
                 checkpoint.save_weights(directory / "adapter", self.model)
+                write_model_card(directory / "adapter", self.cfg, metrics, self.made_by)
                 if self.mask is not None and self.mask.mask is not None:
                     save_mask(self.mask.mask, directory / "mask.safetensors")
 
@@ -314,7 +324,14 @@ def train_worker(config: dict[str, Any]) -> None:
         directory = newest_intact(restored, stack) if restored else None
         if directory is None and cfg.train.resume_from:
             directory = Path(cfg.train.resume_from)
-        run = Run(cfg, context.get_world_rank(), context.get_world_size(), reporter=report, restored=directory)
+        run = Run(
+            cfg,
+            context.get_world_rank(),
+            context.get_world_size(),
+            reporter=report,
+            restored=directory,
+            made_by={"Ray Train run": context.get_experiment_name()},
+        )
     run.train()
 
 

@@ -257,6 +257,7 @@ def _best(results: Any, label: str, cfg: ExperimentConfig, client: Any, state: S
 def _finish(client: Any, state: StudyState, cfg: ExperimentConfig, root: str) -> None:
     """Best metrics and adapters on the parent run, the comparison of its arms (table and plots), the study
     marked finished."""
+    from fisher_scale.train.card import add_provenance
     from fisher_scale.tune.compare import study_report
 
     best_metrics = {f"best/{label}/{cfg.tune.metric}": b.get("metric") for label, b in state.best.items()}
@@ -271,10 +272,12 @@ def _finish(client: Any, state: StudyState, cfg: ExperimentConfig, root: str) ->
         label, best = (min if cfg.tune.mode == "min" else max)(found, key=lambda item: item[1]["metric"])
         client.set_tag(state.parent_run_id, "best_trial", best["trial_id"])
         client.set_tag(state.parent_run_id, "best_study", label)
-        if best.get("run_id"):
-            for artifact in client.list_artifacts(best["run_id"], "adapter"):
-                local = client.download_artifacts(best["run_id"], artifact.path)
-                client.log_artifact(state.parent_run_id, local, "best_adapter")
+        if best.get("run_id") and client.list_artifacts(best["run_id"], "adapter"):
+            with tempfile.TemporaryDirectory() as tmp:  # a copy: a local store would hand out the trial's own files
+                local = Path(client.download_artifacts(best["run_id"], "adapter", dst_path=tmp))
+                made_by = {"study": f"{state.study} ({label})", "trial": best["trial_id"], "MLflow run": best["run_id"]}
+                add_provenance(local, made_by)
+                client.log_artifacts(state.parent_run_id, str(local), "best_adapter")
     with tempfile.TemporaryDirectory() as tmp:  # the plots live in MLflow (local storage keeps a copy)
         plots = Path(tmp) if "://" in root else Path(root) / state.study / "plots"
         state.comparison = study_report(client, state, cfg, plots_dir=plots)
