@@ -88,7 +88,7 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
             )
         )
     from fisher_scale.study.experiment import STUDY_ROOTS, storage_root
-    from fisher_scale.tracking import redacted
+    from fisher_scale.tracking import redacted, runs_view
 
     storage = redacted(cfg.tune.storage)  # made absolute when the study started
     root = storage_root(cfg)
@@ -99,7 +99,7 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
     )
     console.print(
         f"results: MLflow experiment [bold]{cfg.name}[/bold], parent run {state.parent_run_id}\n"
-        f"  mlflow ui --backend-store-uri {state.tracking_uri}\n"
+        f"  {runs_view(state.tracking_uri, state.experiment_id)}\n"
         f"  optuna-dashboard {storage}   (pip install optuna-dashboard)\n"
         f"  fisher-scale compare {cfg.name}{where}"
     )
@@ -109,6 +109,7 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
 def _scale(args: argparse.Namespace, console: Console) -> int:
     from fisher_scale.scale.analysis import fits_table, points_table
     from fisher_scale.scale.grid import run_scale
+    from fisher_scale.tracking import runs_view
 
     cfg, report = _study(args, console, run_scale)
     if report is None:
@@ -116,7 +117,8 @@ def _scale(args: argparse.Namespace, console: Console) -> int:
     console.print(points_table(report.state.study, report.points, cfg.scale))
     console.print(fits_table(report.fits, cfg.scale))
     console.print(
-        f"plots: {', '.join(str(p) for p in report.plots)}\n  mlflow ui --backend-store-uri {report.state.tracking_uri}"
+        f"plots: {', '.join(str(p) for p in report.plots)}\n"
+        f"  {runs_view(report.state.tracking_uri, report.state.experiment_id)}"
     )
     return 0
 

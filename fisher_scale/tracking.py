@@ -171,15 +171,29 @@ def sqlite_lock(url: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+#: the experiment tag the MLflow 3 UI reads to choose its view: training runs, not the GenAI (traces) view
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def experiment_id(mlflow_client: Any, name: str, uri: str) -> str:
-    """The experiment's id, creating it (artifacts beside a SQLite store) when new (under :func:`sqlite_lock`:
-    two studies may create it at once)."""
+    """The experiment's id, creating it (artifacts beside a SQLite store, opening in the UI's runs view) when new
+    (under :func:`sqlite_lock`: two studies may create it at once)."""
     with sqlite_lock(uri):
         found = mlflow_client.get_experiment_by_name(name)
         if found is not None:
             return found.experiment_id
         root = artifact_root(uri)
-        return mlflow_client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+        location = f"{root}/{name}" if root else None
+        return mlflow_client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
+
+
+def runs_view(uri: str, experiment: str) -> str:
+    """How to open the experiment's runs in the MLflow UI: the server's page, or the command that serves a
+    local store and the page it serves."""
+    page = f"#/experiments/{experiment}/runs"
+    if uri.startswith(("http://", "https://")):
+        return f"{redacted(uri).rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri}   then http://127.0.0.1:5000/{page}"
 
 
 def all_runs(

@@ -566,6 +566,23 @@ def test_run_searches_read_every_page(tmp_path: Path) -> None:
     assert sorted(run.info.run_id for run in found) == sorted(made[:2] + made[3:])
 
 
+def test_a_new_experiment_opens_in_the_ui_runs_view_and_the_printed_link_goes_there(tmp_path: Path) -> None:
+    """MLflow 3's UI shows an experiment without a kind as a GenAI (traces) page with no runs: ours are tagged as
+    training experiments, and the link names the runs page (credentials left out)."""
+    from fisher_scale import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    experiment = tracking.experiment_id(client, "kinds", uri)
+    assert client.get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tracking.runs_view(uri, experiment) == (
+        f"mlflow ui --backend-store-uri {uri}   then http://127.0.0.1:5000/#/experiments/{experiment}/runs"
+    )
+    assert tracking.runs_view("https://bob:pw@mlflow.example.org/", "7") == (
+        "https://bob:***@mlflow.example.org/#/experiments/7/runs"
+    )
+
+
 def test_resume_finds_only_the_same_study_name_and_command(tmp_path: Path) -> None:
     from fisher_scale.study.experiment import StudyState, find_resumable, write_state
 
