@@ -333,6 +333,42 @@ def test_comparison_ranks_arms_and_names_each_arms_best_trial_and_its_values() -
     assert "| 2 | adamw | 2 | 1 | 0.83 | t2 | lr=0.002 |" in text
 
 
+def test_plot_axes_follow_what_each_hyperparameter_is() -> None:
+    """lr and damping on log axes even over a narrow range, a choice of integers (rank {4, 8}) or of names as
+    categories, other numbers linear unless they span more than 50x."""
+    from fisher_scale.tune.compare import hyperparameter_axis
+
+    assert hyperparameter_axis("lr", ["0.001", "0.003", "0.002"]) == ("log", [])
+    assert hyperparameter_axis("optimizer.damping", ["0.01", "0.05"]) == ("log", [])
+    assert hyperparameter_axis("peft.rank", ["8", "4", "8", "16"]) == ("categorical", ["4", "8", "16"])
+    assert hyperparameter_axis("mask.selection", ["random", "fisher"]) == ("categorical", ["fisher", "random"])
+    assert hyperparameter_axis("optimizer.ema_decay", ["0.8", "0.95", "0.9"]) == ("linear", [])
+    assert hyperparameter_axis("mask.ratio", ["0.001", "0.5"]) == ("log", [])
+
+
+def test_comparison_plots_draw_only_keys_a_run_used(tmp_path: Path) -> None:
+    """Every plot is written; a searched key no compared run used (AdamW's damping) gets no plot, and stopped
+    trials and choices are drawn without error."""
+    from fisher_scale.tune.compare import plot_comparison
+
+    records = []
+    for number, (arm, params, stopped) in enumerate(
+        (
+            ("adamw", {"lr": "0.001", "peft.rank": "4"}, None),
+            ("adamw", {"lr": "0.002", "peft.rank": "8"}, 4),
+            ("adafisher", {"lr": "0.001", "peft.rank": "8"}, None),
+        )
+    ):
+        rec = TrialRecord(str(number), "A", arm, number, params, trial_id=f"t{number}", stopped_at=stopped)
+        rec.history = {"m": {4: 0.5 + number / 10, 8: 0.6}, "loss": {4: 1.0, 8: 0.8}, "time/train_s": {4: 1, 8: 2}}
+        records.append(rec)
+    paths = plot_comparison(records, "m", "max", ["lr", "optimizer.damping", "peft.rank"], tmp_path)
+    assert sorted(p.name for p in paths) == [
+        "m_curves.png", "m_vs_lr.png", "m_vs_peft_rank.png", "m_vs_time.png", "training_curves.png"
+    ]  # fmt: skip
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
 def test_bootstrap_interval_is_the_exact_bootstrap_of_the_mean() -> None:
     """For 4 values the bootstrap distribution can be enumerated exactly (4⁴ equally likely resamples): scipy's
     seeded percentile interval lies within a sliver of its 2.5 and 97.5 percentiles."""

@@ -34,6 +34,8 @@ class TrialRecord:
     params: dict[str, str]
     history: dict[str, dict[int, float]] = field(default_factory=dict)
     trial_id: str = ""
+    #: the step its scheduler (ASHA) stopped it at; None for a trial that ran to the end
+    stopped_at: int | None = None
 
     def final(self, key: str) -> float | None:
         values = self.history.get(key, {})
@@ -63,6 +65,7 @@ def load_trials(client: Any, experiment_id: str, metric: str, study: str | None 
             run.info.start_time,
             dict(run.data.params),
             trial_id=run.data.tags.get(tracking.TRIAL_TAG, ""),
+            stopped_at=int(stopped) if (stopped := run.data.tags.get("stopped_at_step")) else None,
         )
         for key in {metric, LOSS, TRAIN_TIME}:
             record.history[key] = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
@@ -202,9 +205,28 @@ def _ranked(rows: list[dict[str, Any]], key: str, mode: str) -> list[dict[str, A
     return ranked + [{"rank": None, **row} for row in rows if row[key] is None]
 
 
-def plot_comparison(records: list[TrialRecord], metric: str, searched: list[str], out: Path) -> list[Path]:
-    """Training curves per arm, the metric against each searched hyperparameter, and the
-    metric against training wall time; PNG files in ``out``."""
+#: searched keys drawn on a log axis whatever their range (their spaces are log-uniform: a linear axis squeezes the
+#: points to the left)
+LOG_AXIS_KEYS = ("lr", "optimizer.damping", "optimizer.eps", "optimizer.weight_decay")
+#: a numeric key with at most this many distinct values (a choice such as peft.rank {4, 8}) gets a categorical axis
+MAX_CATEGORIES = 6
+
+
+def hyperparameter_axis(key: str, texts: list[str]) -> tuple[str, list[str]]:
+    """How to draw a searched key's values: ``log``, ``linear`` or ``categorical`` (with the categories in order)."""
+    numeric = all(_is_number(t) for t in texts)
+    distinct = sorted(set(texts), key=lambda t: (float(t), t) if numeric else (0.0, t))
+    if not numeric or (len(distinct) <= MAX_CATEGORIES and all(float(t).is_integer() for t in distinct)):
+        return "categorical", distinct
+    values = [float(t) for t in texts]
+    wide = min(values) > 0 and (key in LOG_AXIS_KEYS or max(values) / min(values) > 50)
+    return ("log" if wide else "linear"), []
+
+
+def plot_comparison(records: list[TrialRecord], metric: str, mode: str, searched: list[str], out: Path) -> list[Path]:
+    """Training curves and evaluation curves per arm, the metric against each searched hyperparameter (log axes
+    for lr-like keys, categorical ones for choices; only runs that used the key; trials ASHA stopped hollow, each
+    arm's best a star), and the metric against training wall time; PNG files in ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,20 +252,37 @@ def plot_comparison(records: list[TrialRecord], metric: str, searched: list[str]
     ax.set(xlabel="step", ylabel="training loss", title="training curves")
     save(fig, "training_curves.png")
 
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for record in records:
+        curve = record.history.get(metric, {})
+        if curve:
+            steps = sorted(curve)
+            ax.plot(steps, [curve[s] for s in steps], "o-", color=colors[record.arm], alpha=0.6, markersize=3)
+    _legend(ax, colors, plt)
+    ax.set(xlabel="step", ylabel=metric, title=f"{metric} during training")
+    save(fig, f"{metric.replace('/', '_')}_curves.png")
+
+    best = {
+        arm: _better(mode)(rs, key=lambda r: r.final(metric)) for arm, rs in _finite_by_arm(records, metric).items()
+    }
     for key in searched:
+        used = [(r, value) for r in records if key in r.params and (value := r.final(metric)) is not None]
+        if not used:
+            continue
         fig, ax = plt.subplots(figsize=(6, 4))
-        points = [
-            (float(r.params[key]), value, r.arm)
-            for r in records
-            if key in r.params and _is_number(r.params[key]) and (value := r.final(metric)) is not None
-        ]
-        for x, y, name in points:
-            ax.scatter(x, y, color=colors[name])
-        xs = [p[0] for p in points]
-        if xs and min(xs) > 0 and max(xs) / min(xs) > 50:
+        scale, categories = hyperparameter_axis(key, [r.params[key] for r, _ in used])
+        for record, value in used:
+            text = record.params[key]
+            x = categories.index(text) if categories else float(text)
+            style = {"marker": "*", "s": 160} if best.get(record.arm) is record else {"marker": "o", "s": 36}
+            face = "none" if record.stopped_at is not None else colors[record.arm]
+            ax.scatter(x, value, facecolors=face, edgecolors=colors[record.arm], **style)
+        if categories:
+            ax.set_xticks(range(len(categories)), categories)
+        elif scale == "log":
             ax.set_xscale("log")
         _legend(ax, colors, plt)
-        ax.set(xlabel=key, ylabel=metric, title=f"{metric} against {key}")
+        ax.set(xlabel=key, ylabel=metric, title=f"{metric} against {key} (hollow: stopped early, star: best)")
         save(fig, f"{metric.replace('/', '_')}_vs_{key.replace('.', '_')}.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -256,6 +295,15 @@ def plot_comparison(records: list[TrialRecord], metric: str, searched: list[str]
     ax.set(xlabel="training wall time, s (evaluation excluded)", ylabel=metric, title=f"{metric} against time")
     save(fig, f"{metric.replace('/', '_')}_vs_time.png")
     return paths
+
+
+def _finite_by_arm(records: list[TrialRecord], metric: str) -> dict[str, list[TrialRecord]]:
+    by_arm: dict[str, list[TrialRecord]] = {}
+    for record in records:
+        value = record.final(metric)
+        if value is not None and math.isfinite(value):
+            by_arm.setdefault(record.arm, []).append(record)
+    return by_arm
 
 
 def _legend(ax: Any, colors: dict[str, str], plt: Any) -> None:
@@ -277,7 +325,7 @@ def study_report(client: Any, state: Any, cfg: Any, *, plots_dir: Path) -> list[
     reference = client.get_run(state.parent_run_id).data.tags.get(tracking.REFERENCE_TAG)
     searched = sorted(filter(None, client.get_run(state.parent_run_id).data.tags.get("searched", "").split(",")))
     rows = comparison_table(records, cfg.tune.metric, cfg.tune.mode, reference=reference, searched=searched)
-    for path in plot_comparison(records, cfg.tune.metric, searched, plots_dir):
+    for path in plot_comparison(records, cfg.tune.metric, cfg.tune.mode, searched, plots_dir):
         client.log_artifact(state.parent_run_id, str(path), "plots")
     client.log_dict(state.parent_run_id, rows, "comparison.json")
     return rows
@@ -383,7 +431,7 @@ def compare_experiment(
     tracking.log_params(
         client, run.info.run_id, {"metric": metric, "mode": mode, "target": target, "equal_budget": equal}
     )
-    plots = plot_comparison(records, metric, searched, out)
+    plots = plot_comparison(records, metric, mode, searched, out)
     for path in plots:
         client.log_artifact(run.info.run_id, str(path), "plots")
     client.log_dict(run.info.run_id, rows, "comparison.json")
