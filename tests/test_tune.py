@@ -619,6 +619,26 @@ def test_a_new_experiment_opens_in_the_ui_runs_view_and_the_printed_link_goes_th
     )
 
 
+def test_a_study_run_logs_the_studys_own_params_not_one_trials() -> None:
+    """The parent run's params leave out what differs between trials (the searched keys, each study's optimizer
+    and lr under tune.optimizers, the seed of replicates) and keep what they share and the study's settings."""
+    from fisher_scale.study.experiment import study_params
+    from fisher_scale.tune.space import resource_configs
+
+    cfg = build_config(
+        {
+            "tune": {
+                "optimizers": {"adamw": {}, "adafisher": {"optimizer.damping": {"loguniform": [1e-4, 1e-1]}}},
+                "seeds": [0, 1],
+            }
+        }
+    )
+    params = study_params(cfg, resource_configs(check_study(cfg)), {"lr", "optimizer.damping"})
+    assert {"lr", "optimizer.name", "optimizer.damping", "seed"}.isdisjoint(params)
+    assert params["peft.rank"] == cfg.peft.rank and params["tune.metric"] == cfg.tune.metric
+    assert not any(key.startswith("tracking.") for key in params)
+
+
 def test_resume_finds_only_the_same_study_name_and_command(tmp_path: Path) -> None:
     from fisher_scale.study.experiment import StudyState, find_resumable, write_state
 

@@ -17,7 +17,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,11 +162,13 @@ def open_study(
     resume: bool,
     check: Callable[[ExperimentConfig], list[ExperimentConfig]],
     tags: dict[str, str] | None = None,
+    searched: Iterable[str] = (),
     on_start: Callable[[StudyState, str], None] | None = None,
 ) -> tuple[ExperimentConfig, StudyState, str]:
     """Everything before the cluster: paths resolved, the newest unfinished study found (``resume``) or a
     new one named, ``check`` run (it returns every trial config to fit on the machine), the tracking store
-    reached, the MLflow parent run and ``study.json`` written. Returns the config, state and storage root."""
+    reached, the MLflow parent run (params: :func:`study_params`) and ``study.json`` written. Returns the config,
+    state and storage root."""
     cfg = resolve_paths(cfg)
     check_inputs(cfg)
     root = storage_root(cfg)
@@ -195,8 +197,7 @@ def open_study(
             run_name=study,
             tags={tracking.STUDY_TAG: study, tracking.KIND_TAG: tracking.RUN_KINDS[kind].parent, **(tags or {})},
         )
-        params = {k: v for k, v in flatten(cfg).items() if not k.startswith("tracking.")}
-        tracking.log_params(client, run.info.run_id, params)
+        tracking.log_params(client, run.info.run_id, study_params(cfg, trial_cfgs, searched))
         client.log_dict(run.info.run_id, cfg.model_dump(mode="json"), "config.json")
         state = StudyState(study, cfg.model_dump(mode="json"), uri, experiment, run.info.run_id, kind=kind)
         write_state(root, state)
@@ -205,6 +206,16 @@ def open_study(
     if on_start is not None:
         on_start(state, root)
     return cfg, state, root
+
+
+def study_params(cfg: ExperimentConfig, trial_cfgs: list[ExperimentConfig], searched: Iterable[str]) -> dict[str, Any]:
+    """A study's own params: its config without the keys that differ between its trials (the ``searched`` ones,
+    and those its studies or grid points set apart, such as each study's optimizer), which only the trial runs
+    log, and without the tracking section."""
+    flat = [flatten(c) for c in trial_cfgs]
+    differing = {k for k in (flat[0] if flat else {}) if len({repr(f.get(k)) for f in flat}) > 1}
+    varying = set(searched) | differing
+    return {k: v for k, v in flatten(cfg).items() if k not in varying and not k.startswith("tracking.")}
 
 
 def start_cluster(cfg: ExperimentConfig, trial_configs: list[ExperimentConfig]) -> dict[str, float]:

@@ -161,7 +161,9 @@ def run_study(
         return resource_configs(studies)
 
     tags = {"searched": ",".join(sorted(_searched(cfg)))}
-    cfg, state, root = open_study(cfg, kind="tune", resume=resume, check=check, tags=tags, on_start=on_start)
+    cfg, state, root = open_study(
+        cfg, kind="tune", resume=resume, check=check, tags=tags, searched=_searched(cfg), on_start=on_start
+    )
     resources = start_cluster(cfg, resource_configs(studies))
     client = tracking.client(state.tracking_uri)
     client.set_tag(state.parent_run_id, tracking.REFERENCE_TAG, split_study_key(next(iter(studies)))[0])
