@@ -540,6 +540,7 @@ def test_trials_their_scheduler_stopped_are_pruned_in_optuna_and_tagged_in_mlflo
     tags = {t: client.get_run(callback.run_id(trials[t])).data.tags for t in trials}
     assert (tags["stopped"]["stopped_by"], tags["stopped"]["stopped_at_step"]) == ("asha", "8")
     assert "stopped_by" not in tags["finished"] and tags["finished"]["optuna_study"] == "study-1/adamw"
+    assert tags["finished"]["searched"] == "lr"
     assert {t: row["status"] for t, row in table._rows.items()} == {"stopped": "stopped", "finished": "TERMINATED"}
     lines = table.console.file.getvalue().splitlines()
     assert len(lines) == 2 + 3 + 2 and all(len(line) <= 80 and "\x1b" not in line for line in lines)

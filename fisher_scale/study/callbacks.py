@@ -139,6 +139,7 @@ class MlflowTrials(Callback):
                 tracking.KIND_TAG: self.kind,
                 "optimizer": cfg.optimizer.name,
                 "study_label": label,
+                "searched": ",".join(sorted(trial_values(trial.config))),  # which params were sampled
             }
             if replicate is not None:
                 tags[tracking.REPLICATE_TAG] = replicate
