@@ -364,7 +364,8 @@ def test_comparison_plots_draw_only_keys_a_run_used(tmp_path: Path) -> None:
         records.append(rec)
     paths = plot_comparison(records, "m", "max", ["lr", "optimizer.damping", "peft.rank"], tmp_path)
     assert sorted(p.name for p in paths) == [
-        "m_curves.png", "m_vs_lr.png", "m_vs_peft_rank.png", "m_vs_time.png", "training_curves.png"
+        "m_curves.png", "m_vs_lr.png", "m_vs_peft_rank.png", "m_vs_time.png", "parallel_coordinates.png",
+        "training_curves.png",
     ]  # fmt: skip
     assert all(p.stat().st_size > 1000 for p in paths)
 

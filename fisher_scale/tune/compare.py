@@ -285,6 +285,9 @@ def plot_comparison(records: list[TrialRecord], metric: str, mode: str, searched
         ax.set(xlabel=key, ylabel=metric, title=f"{metric} against {key} (hollow: stopped early, star: best)")
         save(fig, f"{metric.replace('/', '_')}_vs_{key.replace('.', '_')}.png")
 
+    if searched and best:
+        save(_parallel_coordinates(records, metric, searched, colors, plt), "parallel_coordinates.png")
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for record in records:
         values, times = record.history.get(metric, {}), record.history.get(TRAIN_TIME, {})
@@ -295,6 +298,39 @@ def plot_comparison(records: list[TrialRecord], metric: str, mode: str, searched
     ax.set(xlabel="training wall time, s (evaluation excluded)", ylabel=metric, title=f"{metric} against time")
     save(fig, f"{metric.replace('/', '_')}_vs_time.png")
     return paths
+
+
+def _parallel_coordinates(
+    records: list[TrialRecord], metric: str, searched: list[str], colors: dict[str, str], plt: Any
+) -> Any:
+    """One line per trial across the searched keys and the metric, each axis scaled to its own range (log10 for
+    log-axis keys, the category's index for choices); a key the trial did not use leaves a gap in its line."""
+    used = [r for r in records if (v := r.final(metric)) is not None and math.isfinite(v)]
+    columns: list[list[float]] = []
+    for key in searched:
+        texts = [r.params[key] for r in used if key in r.params]
+        scale, categories = hyperparameter_axis(key, texts) if texts else ("linear", [])
+
+        def position(record: TrialRecord, key: str = key, scale: str = scale, categories: list = categories) -> float:
+            if key not in record.params:
+                return math.nan
+            text = record.params[key]
+            return categories.index(text) if categories else math.log10(float(text)) if scale == "log" else float(text)
+
+        columns.append([position(r) for r in used])
+    columns.append([r.final(metric) for r in used])
+    fig, ax = plt.subplots(figsize=(1.6 * len(columns) + 2, 4.5))
+    scaled = []
+    for column in columns:
+        finite = [v for v in column if math.isfinite(v)]
+        low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
+        scaled.append([(v - low) / (high - low) if high > low else 0.5 for v in column])
+    for index, record in enumerate(used):
+        ax.plot(range(len(columns)), [column[index] for column in scaled], color=colors[record.arm], alpha=0.7)
+    ax.set_xticks(range(len(columns)), [*searched, metric], rotation=20)
+    ax.set(yticks=[], title="trials across the searched keys (each axis its own range; gaps: key not used)")
+    _legend(ax, colors, plt)
+    return fig
 
 
 def _finite_by_arm(records: list[TrialRecord], metric: str) -> dict[str, list[TrialRecord]]:
