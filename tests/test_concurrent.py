@@ -64,6 +64,7 @@ def test_each_study_keeps_its_own_optuna_space_and_sampler() -> None:
             metric="m",
             mode="max",
             sampler=optuna.samplers.RandomSampler(0),
+            max_steps=8,
         )
 
     search = StudiesSearch(
