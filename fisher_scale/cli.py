@@ -87,21 +87,15 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
                 f"{state.study}: arms compared ({cfg.tune.metric}, {cfg.tune.mode})", state.comparison, cfg.tune.metric
             )
         )
-    from fisher_scale.study.experiment import STUDY_ROOTS, storage_root
+    from fisher_scale.study.experiment import compare_command
     from fisher_scale.tracking import redacted, runs_view
 
     storage = redacted(cfg.tune.storage)  # made absolute when the study started
-    root = storage_root(cfg)
-    where = (
-        ""
-        if any(Path(root).expanduser().resolve() == Path(r).expanduser().resolve() for r in STUDY_ROOTS)
-        else f" --storage {root}"
-    )
     console.print(
         f"results: MLflow experiment [bold]{cfg.name}[/bold], parent run {state.parent_run_id}\n"
         f"  {runs_view(state.tracking_uri, state.experiment_id)}\n"
         f"  optuna-dashboard {storage}   (pip install optuna-dashboard)\n"
-        f"  fisher-scale compare {cfg.name}{where}"
+        f"  {compare_command(cfg)}"
     )
     return 0
 

@@ -681,6 +681,18 @@ def test_compare_finds_the_tracking_uri_its_newest_study_recorded(
     assert experiment_tracking_uri("tune-demo", None, None) == f"sqlite:///{stores['old']}"
     assert experiment_tracking_uri("tune-demo", None, str(tmp_path / "shared")) == f"sqlite:///{stores['new']}"
     assert experiment_tracking_uri("tune-demo", "sqlite:///other.db", None) == f"sqlite:///{stores['other']}"
+    from fisher_scale.study.experiment import compare_command
+
+    printed = {
+        path: compare_command(build_config({"name": "tune-demo", "distributed": {"storage_path": path}}))
+        for path in ("outputs/ray", str(tmp_path / "outputs" / "ray"), "/mnt/shared/ray", "s3://bucket/ray")
+    }
+    assert printed == {
+        "outputs/ray": "fisher-scale compare tune-demo",
+        str(tmp_path / "outputs" / "ray"): "fisher-scale compare tune-demo",
+        "/mnt/shared/ray": "fisher-scale compare tune-demo --storage /mnt/shared/ray",
+        "s3://bucket/ray": "fisher-scale compare tune-demo --storage s3://bucket/ray",
+    }
 
 
 def test_compare_never_creates_a_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

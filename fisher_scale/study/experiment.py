@@ -140,6 +140,15 @@ def newest_study(name: str, roots: Sequence[str] = STUDY_ROOTS) -> StudyState | 
     return max(found, key=lambda state: state.study, default=None)
 
 
+def compare_command(cfg: ExperimentConfig) -> str:
+    """The ``fisher-scale compare`` command that finds this config's studies: ``--storage`` only when their root is
+    not one of :data:`STUDY_ROOTS` (seen from the working directory)."""
+    root = storage_root(cfg)
+    local = "://" not in root
+    default = local and any(Path(root).expanduser().resolve() == Path(r).expanduser().resolve() for r in STUDY_ROOTS)
+    return f"fisher-scale compare {cfg.name}" + ("" if default else f" --storage {root}")
+
+
 def run_trial(values: dict[str, Any], bases: dict[str, dict[str, Any]] | None = None, root: str = "") -> None:
     """The Tune trainable: one training run of its study's base config with the sampled values.
     Its Ray Train run is named by the trial id, so a restarted trial resumes from its checkpoints."""
