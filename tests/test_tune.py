@@ -462,7 +462,7 @@ def test_collapsed_and_diverged_trials_are_reported_as_such(tmp_path: Path) -> N
     parent = client.create_run(experiment).info.run_id
     base = build_config({}).model_dump(mode="json")
     callback = MlflowTrials(uri, experiment, parent, "study-1", {"adamw": base})
-    table = TrialTable("adamw", "glue/sst2/accuracy", "max", [], {"adamw": 25})
+    table = TrialTable("adamw", "glue/sst2/accuracy", "max", [], {"adamw": base})
     trial = SimpleNamespace(trial_id="t1", config={}, status="RUNNING", last_result={}, error_file=None)
     tags = lambda: client.get_run(callback.run_id(trial)).data.tags.get("outcome")  # noqa: E731
     for result, expected in (
@@ -510,7 +510,7 @@ def test_trials_their_scheduler_stopped_are_pruned_in_optuna_and_tagged_in_mlflo
     parent = client.create_run(experiment).info.run_id
     base = build_config({"train": {"steps": 12}}).model_dump(mode="json")
     callback = MlflowTrials(uri, experiment, parent, "study-1", {"adamw": base}, scheduler="asha")
-    table = TrialTable("study-1", "gsm8k/loss", "min", ["lr"], {"adamw": 12})
+    table = TrialTable("study-1", "gsm8k/loss", "min", ["lr"], {"adamw": base})
     table._console = Console(file=io.StringIO(), width=80)  # a log file: one plain line per event
     trials = {}
     for trial_id, last_step in (("stopped", 8), ("finished", 12)):

@@ -202,10 +202,10 @@ class TrialTable(Callback):
     one plain line per event instead, so that a running study and a hung one look different."""
 
     def __init__(
-        self, title: str, metric: str, mode: str, keys: list[str], steps: dict[str, int], studies: bool = False
+        self, title: str, metric: str, mode: str, keys: list[str], bases: dict[str, dict], studies: bool = False
     ) -> None:
         self.title, self.metric, self.mode, self.keys, self.studies = title, metric, mode, keys, studies
-        self.steps = steps  # train.steps of each study: a trial that ends before them was stopped by its scheduler
+        self.bases = bases  # each study's base config: a trial ending before its train.steps was stopped early
         self._rows: dict[str, dict[str, Any]] = {}
         self._live: Any = None
         self._console: Any = None
@@ -282,7 +282,7 @@ class TrialTable(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         outcome = trial_outcome(trial.last_result or {})
         if outcome in (None, "trained"):
-            steps = self.steps[study_label(trial.config, self.steps)]
+            steps = trial_config(self.bases, trial.config, trial.trial_id).train.steps
             outcome = "stopped" if stopped_at_step(trial.last_result, steps) else "TERMINATED"
         self._update(trial, status=outcome)
 

@@ -277,9 +277,7 @@ def make_tuner(
             kind=tracking.RUN_KINDS[state.kind].child,
             scheduler=next(iter(bases.values())).tune.scheduler,
         ),
-        TrialTable(
-            state.study, metric, mode, keys, {k: b.train.steps for k, b in bases.items()}, studies=len(bases) > 1
-        ),
+        TrialTable(state.study, metric, mode, keys, bases_json, studies=len(bases) > 1),
     ]
     return tune.Tuner(
         trainable,
