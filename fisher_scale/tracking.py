@@ -27,6 +27,10 @@ PARENT_TAG = "mlflow.parentRunId"
 REFERENCE_TAG = "fisher_scale.reference"
 #: on a trial run under ``tune.seeds``: its replicate (``seed<n>``), one repeated study for the statistics
 REPLICATE_TAG = "fisher_scale.replicate"
+#: the dotted keys a study (parent run) or trial searched, comma-separated
+SEARCHED_TAG = "searched"
+#: on a trial run its scheduler stopped early: which scheduler, and at which step
+STOPPED_BY_TAG, STOPPED_AT_TAG = "stopped_by", "stopped_at_step"
 
 
 class RunKinds(NamedTuple):

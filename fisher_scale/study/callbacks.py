@@ -139,7 +139,7 @@ class MlflowTrials(Callback):
                 tracking.KIND_TAG: self.kind,
                 "optimizer": cfg.optimizer.name,
                 "study_label": label,
-                "searched": ",".join(sorted(trial_values(trial.config))),  # which params were sampled
+                tracking.SEARCHED_TAG: ",".join(sorted(trial_values(trial.config))),
             }
             if replicate is not None:
                 tags[tracking.REPLICATE_TAG] = replicate
@@ -185,8 +185,8 @@ class MlflowTrials(Callback):
         steps = trial_config(self.bases, trial.config, trial.trial_id).train.steps
         stopped = stopped_at_step(trial.last_result, steps)
         if stopped is not None:
-            self.client.set_tag(run_id, "stopped_by", self.scheduler or "scheduler")
-            self.client.set_tag(run_id, "stopped_at_step", str(stopped))
+            self.client.set_tag(run_id, tracking.STOPPED_BY_TAG, self.scheduler or "scheduler")
+            self.client.set_tag(run_id, tracking.STOPPED_AT_TAG, str(stopped))
         self.client.set_terminated(run_id, status="FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

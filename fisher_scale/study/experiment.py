@@ -130,13 +130,14 @@ def find_resumable(root: str, name: str, kind: str) -> StudyState | None:
 STUDY_ROOTS = ("outputs/ray", "~/ray_results")
 
 
+def _absolute(root: str) -> str:
+    """A storage root as one place: a local folder expanded and made absolute, a URI unchanged."""
+    return root if "://" in root else str(Path(root).expanduser().resolve())
+
+
 def newest_study(name: str, roots: Sequence[str] = STUDY_ROOTS) -> StudyState | None:
     """The newest study of this name under any of ``roots`` (finished or not, any command)."""
-    found = [
-        state
-        for root in roots
-        if (state := next(studies(str(Path(root).expanduser()) if "://" not in root else root, name), None))
-    ]
+    found = [state for root in roots if (state := next(studies(_absolute(root), name), None))]
     return max(found, key=lambda state: state.study, default=None)
 
 
@@ -144,8 +145,7 @@ def compare_command(cfg: ExperimentConfig) -> str:
     """The ``fisher-scale compare`` command that finds this config's studies: ``--storage`` only when their root is
     not one of :data:`STUDY_ROOTS` (seen from the working directory)."""
     root = storage_root(cfg)
-    local = "://" not in root
-    default = local and any(Path(root).expanduser().resolve() == Path(r).expanduser().resolve() for r in STUDY_ROOTS)
+    default = _absolute(root) in {_absolute(r) for r in STUDY_ROOTS}
     return f"fisher-scale compare {cfg.name}" + ("" if default else f" --storage {root}")
 
 

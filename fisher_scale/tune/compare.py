@@ -41,6 +41,11 @@ class TrialRecord:
         values = self.history.get(key, {})
         return values[max(values)] if values else None
 
+    def finite_final(self, key: str) -> float | None:
+        """The last value when it is a finite number (a diverged trial's NaN compares with nothing)."""
+        value = self.final(key)
+        return value if value is not None and math.isfinite(value) else None
+
     def first_reaching(self, key: str, target: float, mode: str) -> int | None:
         """The first step whose value reaches the target (≤ for min, ≥ for max)."""
         for step in sorted(self.history.get(key, {})):
@@ -65,7 +70,7 @@ def load_trials(client: Any, experiment_id: str, metric: str, study: str | None 
             run.info.start_time,
             dict(run.data.params),
             trial_id=run.data.tags.get(tracking.TRIAL_TAG, ""),
-            stopped_at=int(stopped) if (stopped := run.data.tags.get("stopped_at_step")) else None,
+            stopped_at=int(stopped) if (stopped := run.data.tags.get(tracking.STOPPED_AT_TAG)) else None,
         )
         for key in {metric, LOSS, TRAIN_TIME}:
             record.history[key] = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
@@ -87,6 +92,15 @@ def equal_budget(records: list[TrialRecord]) -> list[TrialRecord]:
 
 def _better(mode: str) -> Any:
     return min if mode == "min" else max
+
+
+def best_trials(records: list[TrialRecord], metric: str, mode: str) -> dict[str, TrialRecord]:
+    """Each arm's trial with the best finite final metric (arms with none are left out)."""
+    by_arm: dict[str, list[TrialRecord]] = {}
+    for record in records:
+        if record.finite_final(metric) is not None:
+            by_arm.setdefault(record.arm, []).append(record)
+    return {arm: _better(mode)(mine, key=lambda r: r.finite_final(metric)) for arm, mine in by_arm.items()}
 
 
 #: the two-sided confidence of the comparison's intervals, and the bootstrap resamples that estimate them
@@ -144,16 +158,16 @@ def comparison_table(
     the fewest steps / least training time to reach ``target``."""
     rows = []
     bests: dict[str, dict[str, float]] = {}
+    best_of = best_trials(records, metric, mode)
     for arm in sorted({r.arm for r in records}):
         mine = [r for r in records if r.arm == arm]
-        finals = [(v, r) for r in mine if (v := r.final(metric)) is not None and math.isfinite(v)]
-        best = _better(mode)(finals, key=lambda pair: pair[0], default=None)
+        best = best_of.get(arm)
         per_study = []
         bests[arm] = {}
         steps_to_target, time_to_target = [], []
         for study in sorted({r.study for r in mine}):
             trials = [r for r in mine if r.study == study]
-            values = [v for r in trials if (v := r.final(metric)) is not None and math.isfinite(v)]
+            values = [v for r in trials if (v := r.finite_final(metric)) is not None]
             if values:
                 per_study.append(_better(mode)(values))
                 bests[arm][study] = per_study[-1]
@@ -169,9 +183,9 @@ def comparison_table(
             "arm": arm,
             "trials": len(mine),
             "studies": len({r.study for r in mine}),
-            f"best {metric}": None if best is None else best[0],
-            "best trial": None if best is None else best[1].trial_id or best[1].run_id,
-            "best values": None if best is None else _values_text(best[1].params, searched),
+            f"best {metric}": None if best is None else best.final(metric),
+            "best trial": None if best is None else best.trial_id or best.run_id,
+            "best values": None if best is None else _values_text(best.params, searched),
             f"median best {metric}": statistics.median(per_study) if per_study else None,
             f"mean best {metric}": statistics.fmean(per_study) if per_study else None,
             "95% interval": _interval_text(bootstrap_interval(per_study)),
@@ -262,9 +276,7 @@ def plot_comparison(records: list[TrialRecord], metric: str, mode: str, searched
     ax.set(xlabel="step", ylabel=metric, title=f"{metric} during training")
     save(fig, f"{metric.replace('/', '_')}_curves.png")
 
-    best = {
-        arm: _better(mode)(rs, key=lambda r: r.final(metric)) for arm, rs in _finite_by_arm(records, metric).items()
-    }
+    best = best_trials(records, metric, mode)
     for key in searched:
         used = [(r, value) for r in records if key in r.params and (value := r.final(metric)) is not None]
         if not used:
@@ -305,19 +317,12 @@ def _parallel_coordinates(
 ) -> Any:
     """One line per trial across the searched keys and the metric, each axis scaled to its own range (log10 for
     log-axis keys, the category's index for choices); a key the trial did not use leaves a gap in its line."""
-    used = [r for r in records if (v := r.final(metric)) is not None and math.isfinite(v)]
+    used = [r for r in records if r.finite_final(metric) is not None]
     columns: list[list[float]] = []
     for key in searched:
         texts = [r.params[key] for r in used if key in r.params]
         scale, categories = hyperparameter_axis(key, texts) if texts else ("linear", [])
-
-        def position(record: TrialRecord, key: str = key, scale: str = scale, categories: list = categories) -> float:
-            if key not in record.params:
-                return math.nan
-            text = record.params[key]
-            return categories.index(text) if categories else math.log10(float(text)) if scale == "log" else float(text)
-
-        columns.append([position(r) for r in used])
+        columns.append([_coordinate(r.params.get(key), scale, categories) for r in used])
     columns.append([r.final(metric) for r in used])
     fig, ax = plt.subplots(figsize=(1.6 * len(columns) + 2, 4.5))
     scaled = []
@@ -333,13 +338,13 @@ def _parallel_coordinates(
     return fig
 
 
-def _finite_by_arm(records: list[TrialRecord], metric: str) -> dict[str, list[TrialRecord]]:
-    by_arm: dict[str, list[TrialRecord]] = {}
-    for record in records:
-        value = record.final(metric)
-        if value is not None and math.isfinite(value):
-            by_arm.setdefault(record.arm, []).append(record)
-    return by_arm
+def _coordinate(text: str | None, scale: str, categories: list[str]) -> float:
+    """A value's place on a parallel-coordinates axis: its category's index, log10 on a log axis; NaN if unused."""
+    if text is None:
+        return math.nan
+    if categories:
+        return categories.index(text)
+    return math.log10(float(text)) if scale == "log" else float(text)
 
 
 def _legend(ax: Any, colors: dict[str, str], plt: Any) -> None:
@@ -359,7 +364,9 @@ def study_report(client: Any, state: Any, cfg: Any, *, plots_dir: Path) -> list[
     """At the end of a study: its comparison table and plots, logged to the study's parent run."""
     records = load_trials(client, state.experiment_id, cfg.tune.metric, study=state.study)
     reference = client.get_run(state.parent_run_id).data.tags.get(tracking.REFERENCE_TAG)
-    searched = sorted(filter(None, client.get_run(state.parent_run_id).data.tags.get("searched", "").split(",")))
+    searched = sorted(
+        filter(None, client.get_run(state.parent_run_id).data.tags.get(tracking.SEARCHED_TAG, "").split(","))
+    )
     rows = comparison_table(records, cfg.tune.metric, cfg.tune.mode, reference=reference, searched=searched)
     for path in plot_comparison(records, cfg.tune.metric, cfg.tune.mode, searched, plots_dir):
         client.log_artifact(state.parent_run_id, str(path), "plots")
@@ -454,7 +461,9 @@ def compare_experiment(
     records = load_trials(client, found.experiment_id, metric)
     if equal:
         records = equal_budget(records)
-    searched = sorted({key for run in studies for key in run.data.tags.get("searched", "").split(",") if key})
+    searched = sorted(
+        {key for run in studies for key in run.data.tags.get(tracking.SEARCHED_TAG, "").split(",") if key}
+    )
     reference = newest.tags.get(tracking.REFERENCE_TAG)
     rows = comparison_table(records, metric, mode, target, reference=reference, searched=searched)
     for earlier in tracking.all_runs(

@@ -160,7 +160,7 @@ def run_study(
         optuna_storage(cfg.tune.storage)
         return resource_configs(studies)
 
-    tags = {"searched": ",".join(sorted(_searched(cfg)))}
+    tags = {tracking.SEARCHED_TAG: ",".join(sorted(_searched(cfg)))}
     cfg, state, root = open_study(
         cfg, kind="tune", resume=resume, check=check, tags=tags, searched=_searched(cfg), on_start=on_start
     )
