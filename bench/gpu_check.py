@@ -105,7 +105,7 @@ def summarise(out: Path, jobs: list[tuple[str, dict[str, Any], None]]) -> list[d
     rows = []
     for name, config, _ in jobs:
         reports = torch.load(out / f"{name}-reports.pt", weights_only=False)
-        losses = [r["loss"] for r in reports]
+        losses = [r["train/loss"] for r in reports]
         epoch = EXAMPLES // BATCH
         rows.append(
             {
@@ -117,9 +117,9 @@ def summarise(out: Path, jobs: list[tuple[str, dict[str, Any], None]]) -> list[d
                 "first_epoch_loss": statistics.fmean(losses[:epoch]),
                 "last_epoch_loss": statistics.fmean(losses[-epoch:]),
                 "finite": all(math.isfinite(v) for v in losses),
-                "step_time_s": statistics.median(r["step_time_s"] for r in reports[epoch:]),
+                "step_time_s": statistics.median(r["train/step_time_s"] for r in reports[epoch:]),
                 "peak_bytes": max(r["memory/peak_bytes"] for r in reports),
-                "state_bytes": reports[-1]["optimizer_state_bytes_per_rank"],
+                "state_bytes": reports[-1]["memory/optimizer_state_bytes_per_rank"],
             }
         )
     adamw = {(r["zero_stage"], r["mask"]): r for r in rows if r["optimizer"] == "adamw"}

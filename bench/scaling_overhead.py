@@ -79,7 +79,7 @@ def ray_run(cfg: ExperimentConfig) -> tuple[list[float], list[float], float]:
     wall = time.perf_counter() - started
     lines = (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()
     reports = [json.loads(line) for line in lines]
-    return [r["step_time_s"] for r in reports], [r["tokens_per_s"] for r in reports], wall
+    return [r["train/step_time_s"] for r in reports], [r["train/tokens_per_s"] for r in reports], wall
 
 
 def main() -> None:

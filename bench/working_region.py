@@ -24,8 +24,8 @@ from rich.console import Console
 from rich.table import Table
 
 from fisher_scale.config import build_config
-from fisher_scale.study.callbacks import COLLAPSED_SHARE
 from fisher_scale.train.local import run_jobs
+from fisher_scale.train.metrics import COLLAPSED_SHARE
 
 #: lr × damping per optimizer: AdaFisher's step scales with lr/λ, so its working lrs move with λ
 GRIDS = {
@@ -86,7 +86,7 @@ def main() -> None:
                 "accuracy": accuracy,
                 "mean": statistics.fmean(accuracy),
                 "collapsed": sum(f["glue/sst2/majority_share"] >= COLLAPSED_SHARE for f in finals),
-                "diverged": sum(bool(f.get("diverged")) for f in finals),
+                "diverged": sum(bool(f.get("train/diverged")) for f in finals),
             }
         )
     console = Console(width=120)

@@ -76,8 +76,8 @@ def main() -> None:
                         "workers": world,
                         "zero_stage": int(stage[1:]),
                         "optimizer": opt,
-                        "state_bytes_per_rank": report["optimizer_state_bytes_per_rank"],
-                        "step_time_s": report["step_time_s"],
+                        "state_bytes_per_rank": report["memory/optimizer_state_bytes_per_rank"],
+                        "step_time_s": report["train/step_time_s"],
                     }
                 )
     state = {(r["workers"], r["zero_stage"], r["optimizer"]): r for r in rows}

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fisher_scale.errors import EXIT_INTERRUPTED, FisherScaleError, exit_code
+from fisher_scale.train.quiet import quiet_driver
 
 #: columns of the output when it is not a terminal (the tables of a study are wider than 80)
 LOG_WIDTH = 160
@@ -26,8 +27,57 @@ def _seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"seeds are comma-separated integers, e.g. 0,1,2; got {text!r}") from None
 
 
+class TrainProgress:
+    """A ``train`` run as it goes: in a terminal a bar (step/total, loss, tokens/s, ETA, the latest evaluation),
+    else (a log file, CI) one plain line per report."""
+
+    def __init__(self, console: Console, title: str, steps: int) -> None:
+        self.console, self.title, self.steps = console, title, steps
+        self.bar: Any = None
+
+    def __enter__(self) -> TrainProgress:
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[figures]}"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task(f"{self.title}: starting Ray Train", total=self.steps, figures="")
+        else:
+            self.console.print(f"{self.title}: starting Ray Train", highlight=False)
+        return self
+
+    def __call__(self, report: dict[str, Any]) -> None:
+        from fisher_scale.tasks import is_eval_metric
+        from fisher_scale.train import metrics as metric
+
+        step = int(report[metric.STEP])
+        evaluation = [f"{k} {v:.4g}" for k, v in sorted(report.items()) if is_eval_metric(k) and isinstance(v, float)]
+        figures = ", ".join(
+            [f"loss {report[metric.LOSS]:.4g}", f"{report[metric.TOKENS_PER_S]:,.0f} tokens/s", *evaluation]
+        )
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, description=self.title, figures=figures)
+            return
+        eta = round((self.steps - step) * report[metric.STEP_TIME])
+        self.console.print(
+            f"step {step}/{self.steps}: {figures}, eta {eta // 60}:{eta % 60:02d}", highlight=False, soft_wrap=True
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
 def _train(args: argparse.Namespace, console: Console) -> int:
     from fisher_scale.config import load_config
+    from fisher_scale.tracking import runs_view
     from fisher_scale.train.launcher import run_training
 
     cfg = load_config(args.config, args.set)
@@ -35,7 +85,8 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         f"training {cfg.name}: {cfg.model.name}, {cfg.optimizer.name}, "
         f"{cfg.distributed.num_workers} worker(s), ZeRO {cfg.distributed.zero_stage}"
     )
-    summary = run_training(cfg)
+    with TrainProgress(console, cfg.name, cfg.train.steps) as progress:
+        summary = run_training(cfg, on_report=progress)
     metrics = summary["metrics"]
     table = Table(title=f"{cfg.name}: final metrics")
     table.add_column("metric")
@@ -44,7 +95,11 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         if isinstance(value, int | float):
             table.add_row(key, f"{value:.6g}")
     console.print(table)
-    console.print(f"adapter: {summary['adapter']}\nresult:  {Path(cfg.train.output_dir) / 'result.json'}")
+    console.print(
+        f"adapter: {summary['adapter']}\nresult:  {Path(cfg.train.output_dir) / 'result.json'}\n"
+        f"MLflow:  run {summary['mlflow_run']} in experiment [bold]{cfg.name}[/bold]\n"
+        f"  {runs_view(summary['tracking_uri'], summary['experiment_id'])}"
+    )
     return 0
 
 
@@ -257,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     if not sys.stdout.isatty():  # a log file, CI or `ray job logs`: rich would cut every table at 80 columns
         rich.reconfigure(width=LOG_WIDTH)
     console = rich.get_console()
+    quiet_driver()
     try:
         return args.run(args, console)
     except (FisherScaleError, KeyboardInterrupt) as error:  # one line; a failed worker printed its traceback

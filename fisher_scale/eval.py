@@ -138,7 +138,8 @@ def _sharded(
     # Ranks run equally many batches, a rank with fewer filling in with one repeated example whose result is
     # dropped: a ZeRO-3 model gathers its parameters collectively in every forward, so forwards must pair up.
     (rounds,) = all_reduce_numbers(-(-len(local) // batch_size), op="max")
-    with tqdm(total=len(local), desc=desc, disable=not progress or rank != 0, leave=False) as bar:
+    # None: tqdm draws only on a terminal (a Ray worker's output is a log file)
+    with tqdm(total=len(local), desc=desc, disable=None if progress and rank == 0 else True, leave=False) as bar:
         for start in range(0, int(rounds) * batch_size, batch_size):
             positions = order[start : start + batch_size]
             if not positions:

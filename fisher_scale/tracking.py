@@ -43,6 +43,8 @@ class RunKinds(NamedTuple):
 #: per study command; ``compare`` logs runs of its own kind
 RUN_KINDS = {"tune": RunKinds("study", "trial"), "scale": RunKinds("scale", "point")}
 COMPARE_KIND = "compare"
+#: the kind of a ``fisher-scale train`` run (standalone, in the experiment its config names)
+TRAIN_KIND = "train"
 
 
 def sqlite_url(url: str, *, create: bool = True) -> str:
@@ -249,6 +251,61 @@ def log_metrics(mlflow_client: Any, run_id: str, metrics: Mapping[str, Any], ste
     ]
     for start in range(0, len(items), 1000):
         mlflow_client.log_batch(run_id, metrics=items[start : start + 1000])
+
+
+def create_run(mlflow_client: Any, experiment: str, name: str, tags: Mapping[str, str], cfg: ExperimentConfig) -> str:
+    """A new run of one training job (a trial, a grid point, ``fisher-scale train``): the params it used
+    (:func:`run_params`) and its whole resolved config as the ``config.json`` artifact; returns its id."""
+    run_id = mlflow_client.create_run(experiment, run_name=name, tags=dict(tags)).info.run_id
+    log_params(mlflow_client, run_id, run_params(cfg))
+    mlflow_client.log_dict(run_id, cfg.model_dump(mode="json"), "config.json")
+    return run_id
+
+
+class RunLog:
+    """A training job's reports logged into its MLflow run at their step (MLflow's step; not a metric itself), each
+    step once: a resumed job reports its checkpoint's step again, which is logged only when the run has nothing at
+    that step yet. Metrics named (or prefixed) by ``unchanging`` are logged only when their value changes, and
+    tags only when theirs does."""
+
+    def __init__(
+        self, mlflow_client: Any, run_id: str, *, step: str, unchanging: tuple[str, ...] = (), logged_step: int = -1
+    ) -> None:
+        self.client, self.run_id, self.step, self.unchanging = mlflow_client, run_id, step, unchanging
+        self.logged_step = logged_step
+        self._last: dict[str, Any] = {}
+        self._tags: dict[str, str] = {}
+
+    @classmethod
+    def reopened(cls, mlflow_client: Any, run_id: str, *, progress: str, **settings: Any) -> RunLog:
+        """The log of a run that a resumed job continues: marked running again, its last logged step read back
+        from ``progress`` (a metric every report carries)."""
+        mlflow_client.update_run(run_id, status="RUNNING")
+        steps = [m.step for m in mlflow_client.get_metric_history(run_id, progress)]
+        return cls(mlflow_client, run_id, logged_step=max(steps, default=-1), **settings)
+
+    def log(self, report: Mapping[str, Any]) -> bool:
+        """Log one report (False: its step was logged already)."""
+        step = int(report.get(self.step, 0))
+        if step <= self.logged_step:
+            return False
+        self.logged_step = step
+        metrics = {
+            k: v
+            for k, v in report.items()
+            if k != self.step and not (k.startswith(self.unchanging) and self._last.get(k) == v)
+        }
+        self._last.update({k: v for k, v in metrics.items() if k.startswith(self.unchanging)})
+        log_metrics(self.client, self.run_id, metrics, step=step)
+        return True
+
+    def tag(self, key: str, value: str) -> None:
+        if self._tags.get(key) != value:
+            self.client.set_tag(self.run_id, key, value)
+            self._tags[key] = value
+
+    def end(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)
 
 
 def run_params(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -55,7 +55,7 @@ def test_study_commands_print_what_the_study_ran(tmp_path: Path, capsys: pytest.
     from fisher_scale.scale.analysis import Fit, PointResult
     from fisher_scale.study.experiment import StudyState
 
-    started = {"name": "ran", "scale": {"grid": {"model.name": ["tiny", "tiny-x2"]}}, "tune": {"metric": "loss"}}
+    started = {"name": "ran", "scale": {"grid": {"model.name": ["tiny", "tiny-x2"]}}, "tune": {"metric": "train/loss"}}
     state = StudyState("ran-20260101-000000", started, "sqlite:///m.db", "1", "p", best={"adamw": {
         "trial_id": "t1", "metric": 1.25, "config": {"lr": 0.003}}}, comparison=[
         {"arm": "adamw", "mean best loss": 1.25, "verdict": "reference"},

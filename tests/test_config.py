@@ -104,3 +104,33 @@ def test_params_are_logged_as_a_reader_compares_them(tmp_path) -> None:
     tracking.log_params(client, run.info.run_id, {"lr": 0.0012345678912345, "peft.rank": 8, "mask.enabled": False})
     params = client.get_run(run.info.run_id).data.params
     assert params == {"lr": "0.00123457", "peft.rank": "8", "mask.enabled": "False"}
+
+
+def test_a_run_log_logs_each_step_once_at_its_step_and_constants_when_they_change(tmp_path) -> None:
+    """``step`` is MLflow's step, not a metric; a replayed step is not logged twice (also after the run is reopened
+    by a resumed job); an unchanging metric gets a point only when its value changes; tags only when theirs does."""
+    from fisher_scale import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    run_id = client.create_run(tracking.experiment_id(client, "log", uri)).info.run_id
+    settings = {"step": "step", "unchanging": ("model/", "mask/")}
+    log = tracking.RunLog(client, run_id, **settings)
+    reports = [(2, 3.0, 0.5), (2, 3.0, 0.5), (4, 2.5, 0.5), (6, 2.0, 0.25)]
+    logged = [log.log({"step": s, "train/loss": x, "model/parameters": 10, "mask/kept/all": k}) for s, x, k in reports]
+    assert logged == [True, False, True, True]
+    log.tag("outcome", "trained")
+    log.tag("outcome", "trained")
+    reopened = tracking.RunLog.reopened(client, run_id, progress="train/loss", **settings)
+    assert reopened.logged_step == 6 and client.get_run(run_id).info.status == "RUNNING"
+    assert not reopened.log({"step": 6, "train/loss": 2.0}) and reopened.log({"step": 8, "train/loss": 1.5})
+    reopened.end("FINISHED")
+
+    def history(key: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+    run = client.get_run(run_id)
+    assert set(run.data.metrics) == {"train/loss", "model/parameters", "mask/kept/all"}  # no "step"
+    assert history("train/loss") == [(2, 3.0), (4, 2.5), (6, 2.0), (8, 1.5)]
+    assert history("model/parameters") == [(2, 10.0)] and history("mask/kept/all") == [(2, 0.5), (6, 0.25)]
+    assert run.data.tags["outcome"] == "trained" and run.info.status == "FINISHED"

@@ -219,7 +219,7 @@ def test_credentials_in_store_urls_are_never_printed_or_recorded(
         monkeypatch.setenv(variable, "restored after the test")
     config = tmp_path / "tune.yaml"
     uri = "http://alice:Zq9-secret@127.0.0.1:9/"  # port 9 (discard): nothing answers
-    tree = experiment("creds", tmp_path, tracking={"uri": uri}, tune={"metric": "loss"})
+    tree = experiment("creds", tmp_path, tracking={"uri": uri}, tune={"metric": "train/loss"})
     config.write_text(yaml.safe_dump(tree))
     assert main(["tune", str(config)]) == 2
     out = capsys.readouterr().out
@@ -305,11 +305,11 @@ def test_a_resumed_run_reports_its_checkpoints_step_again_and_mlflow_keeps_one_p
     trial = SimpleNamespace(trial_id="t0", config={"lr": 1e-3})
     driver = MlflowTrials(uri, experiment, parent, "study-1", bases)
     for step, loss in [(2, 3.0), (2, 3.0), (4, 2.5)]:  # a worker restart within the run replays step 2
-        driver.on_trial_result(0, [], trial, {"step": step, "loss": loss})
+        driver.on_trial_result(0, [], trial, {"step": step, "train/loss": loss})
     restarted = MlflowTrials(uri, experiment, parent, "study-1", bases)  # the driver resumed the study
     for step, loss in [(4, 2.5), (6, 2.0)]:
-        restarted.on_trial_result(0, [], trial, {"step": step, "loss": loss})
-    history = client.get_metric_history(driver.run_id(trial), "loss")
+        restarted.on_trial_result(0, [], trial, {"step": step, "train/loss": loss})
+    history = client.get_metric_history(driver.run_id(trial), "train/loss")
     assert sorted((m.step, m.value) for m in history) == [(2, 3.0), (4, 2.5), (6, 2.0)]
 
 

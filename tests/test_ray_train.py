@@ -30,7 +30,9 @@ def _config(tmp_path: Path, name: str, **changes: object):
     return build_config(tree)
 
 
-def test_two_worker_run_writes_adapter_result_and_metrics(ray_session: None, tmp_path: Path) -> None:
+def test_two_worker_run_writes_adapter_result_and_metrics(
+    ray_session: None, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     cfg = _config(
         tmp_path,
         "fit",
@@ -46,25 +48,40 @@ def test_two_worker_run_writes_adapter_result_and_metrics(ray_session: None, tmp
     result = json.loads((tmp_path / "fit" / "result.json").read_text())
     assert result["config"]["distributed"]["zero_stage"] == 2 and result["metrics"]["step"] == 6
     for key in (
-        "loss",
-        "lr",
-        "tokens_per_s",
-        "step_time_s",
-        "optimizer_state_bytes_per_rank",
+        "train/loss",
+        "train/lr",
+        "train/tokens_per_s",
+        "train/step_time_s",
+        "memory/optimizer_state_bytes_per_rank",
         "curvature_contrast/median",
         "mask/kept/all",
         "mask/kept/lora_A",
-        "skipped_steps",
+        "train/skipped_steps",
     ):
         assert key in summary["metrics"], key
     assert summary["metrics"]["mask/kept/all"] == pytest.approx(0.5, abs=0.01)
     assert (tmp_path / "fit" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "fit" / "mask.safetensors").is_file()
     history = [json.loads(line) for line in (tmp_path / "fit" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in history] == [3, 6] and history[-1]["loss"] == summary["metrics"]["loss"]
+    assert [r["step"] for r in history] == [3, 6] and history[-1]["train/loss"] == summary["metrics"]["train/loss"]
     # the catalogue names exactly what the loop reports, per-block mask fractions aside (they depend on the model)
-    written = {key for report in history for key in report if not key.startswith("mask/kept/block/")}
+    written = {key for report in history for key in report if not key.startswith(("mask/kept/block/", "system/"))}
     assert written == reported_metrics(cfg)
+    assert {"system/node0/cpu_utilization_percentage", "system/node0/system_memory_usage_megabytes"} <= set(history[0])
+    # tracked in MLflow like a trial: the params it used, metrics at their steps (step itself is the axis), the
+    # constants once, the system metrics, the adapter with its card naming the run
+    from mlflow import MlflowClient
+
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.get_run(summary["mlflow_run"])
+    assert run.info.status == "FINISHED" and run.data.tags["fisher_scale.kind"] == "train"
+    assert run.data.params["optimizer.name"] == cfg.optimizer.name and "tune.metric" not in run.data.params
+    assert "step" not in run.data.metrics and "system/node0/cpu_utilization_percentage" in run.data.metrics
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [3, 6]
+    assert len(client.get_metric_history(run.info.run_id, "model/parameters")) == 1
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert {"adapter/adapter_config.json", "adapter/README.md"} <= artifacts
+    assert run.info.run_id in (tmp_path / "fit" / "adapter" / "README.md").read_text()
     # continued through the CLI from the last checkpoint (train.resume_from) onto one worker, to step 9
     config = tmp_path / "fit.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
@@ -74,10 +91,17 @@ def test_two_worker_run_writes_adapter_result_and_metrics(ray_session: None, tmp
         "distributed.num_workers": 1,
         "train.output_dir": tmp_path / "more",
     }
+    capsys.readouterr()
     assert main(["train", str(config), *(arg for k, v in overrides.items() for arg in ("--set", f"{k}={v}"))]) == 0
+    out = capsys.readouterr().out
+    assert "step 9/9: loss " in out and " tokens/s" in out  # a plain line per report: the output is no terminal
+    tail = out[out.rindex("MLflow:  run ") :]  # the summary last: its final lines are the run and how to open it
+    assert "mlflow ui --backend-store-uri" in tail and len(tail.rstrip().splitlines()) <= 3, tail
+    for noise in ("Reporting training result", "is deprecated", "Token authentication", "untested optimizer"):
+        assert noise not in out, noise
     continued = [json.loads(line) for line in (tmp_path / "more" / "metrics.jsonl").read_text().splitlines()]
     # the checkpoint's report again (step 6, as first reported), then steps 7-9 only: a fresh run reports 3, 6, 9
-    assert [r["step"] for r in continued] == [6, 9] and continued[0]["loss"] == history[-1]["loss"]
+    assert [r["step"] for r in continued] == [6, 9] and continued[0]["train/loss"] == history[-1]["train/loss"]
     assert continued[0]["mask/kept/all"] == pytest.approx(0.5, abs=0.01)  # the mask came back with it
 
 

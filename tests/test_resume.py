@@ -70,7 +70,7 @@ def test_nonfinite_loss_stops_with_the_step_or_is_skipped_exactly(tmp_path: Path
         run_jobs(2, [("fail", experiment("fail", tmp_path, **common), None)], tmp_path)
     run_jobs(2, [("skip", experiment("skip", tmp_path, train__skip_nonfinite=True, **common), None)], tmp_path)
     report = torch.load(tmp_path / "skip-reports.pt", weights_only=False)[-1]
-    assert report["skipped_steps"] == 5  # steps 2-6: the weights stay those after step 1, which overflow
+    assert report["train/skipped_steps"] == 5  # steps 2-6: the weights stay those after step 1, which overflow
     assert all(torch.isfinite(v).all() for v in adapter(tmp_path, "skip").values())
 
 

@@ -86,13 +86,15 @@ def test_grid_points_keep_the_global_batch_out_of_config_values(tmp_path: Path) 
 
 def test_summarize_means_skip_the_first_report_and_find_the_target() -> None:
     rows = [
-        {"step": 2, "step_time_s": 9.0, "tokens_per_s": 1.0, "time/forward_s": 5.0, "model/parameters": 100,
-         "memory/peak_bytes": 10, "optimizer_state_bytes_per_rank": 7, "time/train_s": 9.0},
-        {"step": 4, "step_time_s": 1.0, "tokens_per_s": 10.0, "time/forward_s": 0.4, "memory/peak_bytes": 30,
-         "optimizer_state_bytes_per_rank": 7, "time/train_s": 10.0, "gsm8k/loss": 3.0, "gsm8k/accuracy": 0.0,
+        {"step": 2, "train/step_time_s": 9.0, "train/tokens_per_s": 1.0, "time/forward_s": 5.0, "model/parameters": 100,
+         "memory/peak_bytes": 10, "memory/optimizer_state_bytes_per_rank": 7, "time/train_s": 9.0},
+        {"step": 4, "train/step_time_s": 1.0, "train/tokens_per_s": 10.0, "time/forward_s": 0.4,
+         "memory/peak_bytes": 30, "memory/optimizer_state_bytes_per_rank": 7, "time/train_s": 10.0,
+         "gsm8k/loss": 3.0, "gsm8k/accuracy": 0.0,
          "model/parameters": 100},
-        {"step": 6, "step_time_s": 3.0, "tokens_per_s": 20.0, "time/forward_s": 0.6, "memory/peak_bytes": 20,
-         "optimizer_state_bytes_per_rank": 8, "time/train_s": 13.0, "gsm8k/loss": 2.0, "gsm8k/accuracy": 0.5,
+        {"step": 6, "train/step_time_s": 3.0, "train/tokens_per_s": 20.0, "time/forward_s": 0.6,
+         "memory/peak_bytes": 20, "memory/optimizer_state_bytes_per_rank": 8, "time/train_s": 13.0,
+         "gsm8k/loss": 2.0, "gsm8k/accuracy": 0.5,
          "model/parameters": 100},
     ]  # fmt: skip
     result = summarize({"model.name": "tiny"}, "t1", rows, target_loss=2.5)
@@ -105,8 +107,10 @@ def test_summarize_means_skip_the_first_report_and_find_the_target() -> None:
 
 
 def test_a_resumed_point_reads_as_one_run_without_warm_up_reports() -> None:
-    first = [{"step": s, "step_time_s": t} for s, t in ((2, 9.0), (4, 1.0), (6, 1.0))]
-    second = [{"step": s, "step_time_s": t} for s, t in ((6, 8.0), (8, 3.0))]  # resumed from the step-4 checkpoint
+    first = [{"step": s, "train/step_time_s": t} for s, t in ((2, 9.0), (4, 1.0), (6, 1.0))]
+    second = [
+        {"step": s, "train/step_time_s": t} for s, t in ((6, 8.0), (8, 3.0))
+    ]  # resumed from the step-4 checkpoint
     result = summarize({}, "t", first + second, target_loss=None)
     assert result.step_time_s == 2.0  # steps 4 and 8; both sessions' first reports are warm-up, step 6 replaced
 

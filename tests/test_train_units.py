@@ -327,7 +327,7 @@ def test_each_task_names_its_evaluation_metrics_and_head() -> None:
         "gsm8k/accuracy",
         "gsm8k/loss",
     }
-    assert is_eval_metric("glue/sst2/accuracy") and not is_eval_metric("loss") and not is_eval_metric("gsm8k")
+    assert is_eval_metric("glue/sst2/accuracy") and not is_eval_metric("train/loss") and not is_eval_metric("gsm8k")
 
 
 @pytest.mark.parametrize(
@@ -484,14 +484,14 @@ def test_a_saved_adapter_carries_a_model_card_and_names_its_base_model(tmp_path:
     )
     model = build_model(cfg, None)
     save_weights(tmp_path / "adapter", model)
-    metrics = {"step": 40, "loss": 1.23456, "gsm8k/accuracy": 0.125, "time/train_s": 9.0}
+    metrics = {"step": 40, "train/loss": 1.23456, "gsm8k/accuracy": 0.125, "time/train_s": 9.0}
     write_model_card(tmp_path / "adapter", cfg, metrics, {"experiment": "card-test", "Ray Train run": "t-1"})
     add_provenance(tmp_path / "adapter", {"MLflow run": "abc123"})
     card = (tmp_path / "adapter" / "README.md").read_text()
     assert card.startswith("---\nbase_model: tiny\nlibrary_name: peft\ntags: [fisher-scale, adafish, lora]\n---\n")
     assert "| optimizer | adafish (lr=0.02, beta=0.9," in card and "damping=0.1," in card
     assert "| FISH mask | fisher selection keeping the rank-4 count |" in card
-    assert "## Metrics at step 40" in card and "| gsm8k/accuracy | 0.125 |" in card and "| loss | 1.235 |" in card
+    assert "## Metrics at step 40" in card and "| gsm8k/accuracy | 0.125 |" in card and "| train/loss | 1.235 |" in card
     assert "time/train_s" not in card
     assert card.endswith("- experiment: card-test\n- Ray Train run: t-1\n- MLflow run: abc123\n")
     settings = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -501,3 +501,36 @@ def test_a_saved_adapter_carries_a_model_card_and_names_its_base_model(tmp_path:
         tmp_path / "adapter",
     )
     assert loaded.peft_config["default"].r == 8
+
+
+def test_node_monitor_puts_each_nodes_figures_in_its_own_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three ranks on two nodes (Ray may place unequal numbers per node): only each node's first local rank
+    measures its machine, every rank adds its GPU's memory to its node; summed, every node gets its own figures."""
+    from fisher_scale.train import system
+
+    contributions: list[list[float]] = []
+
+    def collect(*values: float, op: str = "sum") -> list[float]:
+        if op == "max":
+            return [2.0]  # two nodes
+        contributions.append(list(values))
+        return list(values)
+
+    monkeypatch.setattr(system, "all_reduce_numbers", collect)
+    monkeypatch.setattr(system.torch.cuda, "memory_reserved", lambda: 4e6)
+    monitors = []
+    for rank, (node, local) in enumerate([(0, 0), (0, 1), (1, 0)]):
+        monkeypatch.setenv("NODE_RANK", str(node))
+        monkeypatch.setenv("LOCAL_RANK", str(local))
+        monitors.append(system.NodeMonitor(rank, 3, use_gpu=True))
+    taken = [monitor.take() for monitor in monitors]
+    width = len(system.CPU_NAMES) + 1
+    assert [len(c) for c in contributions] == [2 * width] * 3
+    node0, node0_second, node1 = contributions
+    assert node0_second[: width - 1] == [0.0] * (width - 1) and node0_second[width - 1] == 4.0  # its GPU only
+    assert node0[width:] == [0.0] * width and node1[:width] == [0.0] * width
+    summed = [sum(column) for column in zip(*contributions, strict=True)]
+    assert summed[width - 1] == 8.0 and summed[-1] == 4.0  # two GPUs on node 0, one on node 1
+    assert 0 <= taken[0][system.node_metric(0, "cpu_utilization_percentage")] <= 100
+    assert taken[2][system.node_metric(1, "system_memory_usage_megabytes")] > 0
+    assert set(taken[0]) == {system.node_metric(n, name) for n in (0, 1) for name in monitors[0].names}

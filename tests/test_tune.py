@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -270,7 +271,7 @@ def test_replicates_of_one_study_are_compared_seed_by_seed(tmp_path: Path) -> No
 
 def record(run: str, study: str, optimizer: str, start: int, metric: dict[int, float], times: dict[int, float]):
     rec = TrialRecord(run, study, optimizer, start, {"lr": "0.01"})
-    rec.history = {"m": metric, "time/train_s": times, "loss": metric}
+    rec.history = {"m": metric, "time/train_s": times, "train/loss": metric}
     return rec
 
 
@@ -360,7 +361,11 @@ def test_comparison_plots_draw_only_keys_a_run_used(tmp_path: Path) -> None:
         )
     ):
         rec = TrialRecord(str(number), "A", arm, number, params, trial_id=f"t{number}", stopped_at=stopped)
-        rec.history = {"m": {4: 0.5 + number / 10, 8: 0.6}, "loss": {4: 1.0, 8: 0.8}, "time/train_s": {4: 1, 8: 2}}
+        rec.history = {
+            "m": {4: 0.5 + number / 10, 8: 0.6},
+            "train/loss": {4: 1.0, 8: 0.8},
+            "time/train_s": {4: 1, 8: 2},
+        }
         records.append(rec)
     paths = plot_comparison(records, "m", "max", ["lr", "optimizer.damping", "peft.rank"], tmp_path)
     assert sorted(p.name for p in paths) == [
@@ -447,13 +452,14 @@ def test_collapsed_and_diverged_trials_are_reported_as_such(tmp_path: Path) -> N
     from types import SimpleNamespace
 
     from fisher_scale import tracking
-    from fisher_scale.study.callbacks import MlflowTrials, TrialTable, trial_outcome
+    from fisher_scale.study.callbacks import MlflowTrials, TrialTable
+    from fisher_scale.train.metrics import report_outcome
     from fisher_scale.train.worker import diverged
 
-    assert trial_outcome({"glue/sst2/majority_share": 1.0, "glue/sst2/accuracy": 0.509}) == "collapsed"
-    assert trial_outcome({"glue/sst2/majority_share": 0.62, "diverged": 0.0}) == "trained"
-    assert trial_outcome({"diverged": 1.0, "glue/sst2/majority_share": 0.6}) == "diverged"
-    assert trial_outcome({"loss": 0.4, "diverged": 0.0}) is None
+    assert report_outcome({"glue/sst2/majority_share": 1.0, "glue/sst2/accuracy": 0.509}) == "collapsed"
+    assert report_outcome({"glue/sst2/majority_share": 0.62, "train/diverged": 0.0}) == "trained"
+    assert report_outcome({"train/diverged": 1.0, "glue/sst2/majority_share": 0.6}) == "diverged"
+    assert report_outcome({"train/loss": 0.4, "train/diverged": 0.0}) is None
     assert diverged(0.69, float("nan")) and diverged(0.69, 2.2) and not diverged(0.69, 2.0)
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -466,11 +472,11 @@ def test_collapsed_and_diverged_trials_are_reported_as_such(tmp_path: Path) -> N
     trial = SimpleNamespace(trial_id="t1", config={}, status="RUNNING", last_result={}, error_file=None)
     tags = lambda: client.get_run(callback.run_id(trial)).data.tags.get("outcome")  # noqa: E731
     for result, expected in (
-        ({"step": 5, "loss": 0.7, "diverged": 0.0}, None),
-        ({"step": 10, "diverged": 0.0, "glue/sst2/majority_share": 1.0}, "collapsed"),
-        ({"step": 15, "loss": 0.69, "diverged": 0.0}, "collapsed"),
-        ({"step": 20, "diverged": 0.0, "glue/sst2/majority_share": 0.7}, "trained"),
-        ({"step": 25, "diverged": 0.0, "glue/sst2/majority_share": 0.995}, "collapsed"),
+        ({"step": 5, "train/loss": 0.7, "train/diverged": 0.0}, None),
+        ({"step": 10, "train/diverged": 0.0, "glue/sst2/majority_share": 1.0}, "collapsed"),
+        ({"step": 15, "train/loss": 0.69, "train/diverged": 0.0}, "collapsed"),
+        ({"step": 20, "train/diverged": 0.0, "glue/sst2/majority_share": 0.7}, "trained"),
+        ({"step": 25, "train/diverged": 0.0, "glue/sst2/majority_share": 0.995}, "collapsed"),
     ):
         callback.on_trial_result(0, [], trial, result)
         assert tags() == expected, result
@@ -521,7 +527,7 @@ def test_trials_their_scheduler_stopped_are_pruned_in_optuna_and_tagged_in_mlflo
             result = {"step": step, "training_iteration": iteration, "gsm8k/loss": 3.0 - step / 10}
             if step < last_step:  # Tune gives the result a trial ends on to on_trial_complete only
                 search.on_trial_result(trial_id, result)
-            search.on_trial_result(trial_id, {"step": step + 2, "training_iteration": iteration, "loss": 1.0})
+            search.on_trial_result(trial_id, {"step": step + 2, "training_iteration": iteration, "train/loss": 1.0})
             callback.on_trial_result(0, [], trial, result)
             table.on_trial_result(0, [], trial, result)
         trial.last_result = result
@@ -808,7 +814,7 @@ def test_sweep_with_early_stopping_runs_to_the_end_tracked_on_a_server(
         assert child.data.params["optimizer.name"] == "adamw" and "lr" in child.data.params
         assert child.data.params["peft.rank"] == ("2" if child in narrow else "4")
         assert child.data.params["distributed.num_workers"] == "1"
-        losses = client.get_metric_history(child.info.run_id, "loss")
+        losses = client.get_metric_history(child.info.run_id, "train/loss")
         evals = client.get_metric_history(child.info.run_id, "gsm8k/loss")
         assert [m.step for m in evals] == sorted({m.step for m in evals}) and evals
         last_steps.append(max(m.step for m in losses))
@@ -832,12 +838,16 @@ def test_sweep_with_early_stopping_runs_to_the_end_tracked_on_a_server(
         assert len(study.trials) == 3 and study.metric_names == ["gsm8k/loss"]
         for trial in study.trials:  # pruned where ASHA stopped it, intermediate values at the eval steps
             ray_id = trial.user_attrs["ray_trial_id"]
+            (run,) = [c for c in children if c.data.tags["ray_trial_id"] == ray_id]  # Optuna, Ray and MLflow linked
+            assert run.data.tags["optuna_trial_number"] == str(trial.number)
+            assert run.data.tags["optuna_study"] == study.study_name
             assert trial.state.name == ("PRUNED" if ray_id in stopped_at else "COMPLETE")
             assert sorted(trial.intermediate_values) == list(range(4, stopped_at.get(ray_id, 12) + 1, 4))
     parent_artifacts = {a.path for a in client.list_artifacts(state.parent_run_id)}
     assert {"best_adapter", "plots", "config.json", "comparison.json"} <= parent_artifacts
     plots = {a.path for a in client.list_artifacts(state.parent_run_id, "plots")}
     assert {"plots/training_curves.png", "plots/gsm8k_loss_vs_lr.png", "plots/gsm8k_loss_vs_time.png"} <= plots
+    _check_what_the_mlflow_ui_reads(mlflow_server, experiment.experiment_id, state.study, state.parent_run_id)
 
     from fisher_scale.tune.compare import compare_experiment
 
@@ -866,6 +876,32 @@ def test_sweep_with_early_stopping_runs_to_the_end_tracked_on_a_server(
     assert f"| adamw-narrow | 3 | 1 | {row['best gsm8k/loss']:.4g} |" in text
     assert "![training_curves](training_curves.png)" in text
     assert "report.md" in {a.path for a in client.list_artifacts(comparison.run_id)}
+
+
+def _check_what_the_mlflow_ui_reads(url: str, experiment: str, study: str, parent_run_id: str) -> None:
+    """The UI's own page and the endpoint its runs table reads (``ajax-api``): the study's parent run and its
+    children nested under it, each named, with the grouped metric columns and no ``step`` column."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/", timeout=30) as page:
+        assert page.status == 200 and b"<html" in page.read().lower()
+    body = json.dumps({"experiment_ids": [experiment], "max_results": 100}).encode()
+    request = urllib.request.Request(
+        f"{url}/ajax-api/2.0/mlflow/runs/search", body, {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        runs = json.load(reply)["runs"]
+    tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs}
+    names = {r["info"]["run_id"]: r["info"]["run_name"] for r in runs}
+    children = [r for r in runs if tags[r["info"]["run_id"]].get("fisher_scale.kind") == "trial"]
+    assert names[parent_run_id] == study and len(children) == 6
+    for child in children:
+        run_id = child["info"]["run_id"]
+        assert tags[run_id]["mlflow.parentRunId"] == parent_run_id
+        assert names[run_id] == f"{tags[run_id]['study_label']}-{tags[run_id]['ray_trial_id']}"
+        columns = {m["key"] for m in child["data"]["metrics"]}
+        assert {"train/loss", "train/tokens_per_s", "gsm8k/loss", "time/train_s", "memory/peak_bytes"} <= columns
+        assert "step" not in columns and any(c.startswith("system/node0/") for c in columns)
 
 
 def mlflow_children(db: Path) -> list[Any]:

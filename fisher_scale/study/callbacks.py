@@ -15,7 +15,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from fisher_scale import tracking
 from fisher_scale.config import ExperimentConfig, with_values
-from fisher_scale.train.metrics import STEP
+from fisher_scale.train.metrics import LOSS, STEP, UNCHANGING, report_outcome
 
 #: keys Tune adds to every result, not training metrics
 _TUNE_KEYS = {*AUTO_RESULT_KEYS, "trial_id", "done", "config", "checkpoint_dir_name", "should_checkpoint"}
@@ -23,6 +23,9 @@ _TUNE_KEYS = {*AUTO_RESULT_KEYS, "trial_id", "done", "config", "checkpoint_dir_n
 
 #: the trial config key naming the trial's study (its label) when one Tune experiment runs several
 STUDY_KEY = "study"
+#: the trial config key carrying the number of the Optuna trial that sampled it (set by the search), and the
+#: MLflow tag that shows it
+OPTUNA_TRIAL_KEY, OPTUNA_TRIAL_TAG = "optuna_trial", "optuna_trial_number"
 
 
 #: how a study key names its replicate under ``tune.seeds``: ``<label>/seed<n>`` (labels hold no slash)
@@ -43,7 +46,7 @@ def split_study_key(key: str) -> tuple[str, str | None]:
 def trial_values(config: dict[str, Any]) -> dict[str, Any]:
     """A trial's dotted-key values: Optuna samples them as the trial config (beside its study's label); a
     scaling grid passes each point as one dict under ``point`` (Tune's grid search over whole points)."""
-    return {k: v for k, v in config.get("point", config).items() if k != STUDY_KEY}
+    return {k: v for k, v in config.get("point", config).items() if k not in (STUDY_KEY, OPTUNA_TRIAL_KEY)}
 
 
 def study_label(config: dict[str, Any], labels: Iterable[str]) -> str:
@@ -72,28 +75,12 @@ def trial_config(bases: dict[str, dict[str, Any]], config: dict[str, Any], trial
     return with_values(ExperimentConfig.model_validate(base), trial_values(config), origin=f"trial {trial_id}")
 
 
-#: a classifier giving one class to at least this share of the evaluated examples has collapsed to chance level
-COLLAPSED_SHARE = 0.99
-
-
-def trial_outcome(result: dict[str, Any]) -> str | None:
-    """What a trial's report says of it: ``diverged`` (the worker's training-loss check), ``collapsed`` (one
-    predicted class for ≥ 99 % of the evaluated examples) or ``trained``; None from a report with neither a
-    divergence nor an evaluation (it changes nothing)."""
-    if result.get("diverged"):
-        return "diverged"
-    shares = [v for k, v in result.items() if k.endswith("/majority_share")]
-    if not shares:
-        return None
-    return "collapsed" if max(shares) >= COLLAPSED_SHARE else "trained"
-
-
 class MlflowTrials(Callback):
     """One MLflow child run per trial under the study's parent run, tagged with the Ray trial id, so a
     trial resumed after an interruption logs into the run it started (no duplicates), and with its
-    ``outcome`` (:func:`trial_outcome` of its latest report); a trial its scheduler stopped early is tagged
-    ``stopped_by`` and ``stopped_at_step``, and a searched one names its Optuna study (``optuna_study``;
-    the Optuna trial carries the Ray trial id as a user attribute)."""
+    ``outcome`` (``train.metrics.report_outcome`` of its latest report); a trial its scheduler stopped early is tagged
+    ``stopped_by`` and ``stopped_at_step``, and a searched one names its Optuna study and trial (``optuna_study``,
+    ``optuna_trial_number``; the Optuna trial carries the Ray trial id as a user attribute)."""
 
     def __init__(
         self,
@@ -108,12 +95,10 @@ class MlflowTrials(Callback):
         self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
         self.study, self.bases, self.kind, self.scheduler = study, bases, kind, scheduler
         self._client: Any = None
-        self._runs: dict[str, str] = {}
-        self._outcomes: dict[str, str] = {}
-        self._logged_step: dict[str, int] = {}
+        self._runs: dict[str, tracking.RunLog] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None, "_runs": {}, "_outcomes": {}, "_logged_step": {}}
+        return {**self.__dict__, "_client": None, "_runs": {}}
 
     @property
     def client(self) -> Any:
@@ -122,9 +107,13 @@ class MlflowTrials(Callback):
         return self._client
 
     def run_id(self, trial: Any) -> str:
+        return self._log(trial).run_id
+
+    def _log(self, trial: Any) -> tracking.RunLog:
         """The trial's child run: found by its tag (a resumed trial) or created with params and config."""
         if trial.trial_id in self._runs:
             return self._runs[trial.trial_id]
+        settings: dict[str, Any] = {"step": STEP, "unchanging": UNCHANGING}
         run_id = tracking.find_run(
             self.client, self.experiment_id, **{tracking.TRIAL_TAG: trial.trial_id, tracking.STUDY_TAG: self.study}
         )
@@ -145,55 +134,45 @@ class MlflowTrials(Callback):
                 tags[tracking.REPLICATE_TAG] = replicate
             if self.kind == tracking.RUN_KINDS["tune"].child:
                 tags["optuna_study"] = optuna_study_name(self.study, key)
-            run = self.client.create_run(self.experiment_id, run_name=f"{key}-{trial.trial_id}", tags=tags)
-            run_id = run.info.run_id
-            tracking.log_params(self.client, run_id, tracking.run_params(cfg))
-            self.client.log_dict(run_id, cfg.model_dump(mode="json"), "config.json")
+            if OPTUNA_TRIAL_KEY in trial.config:
+                tags[OPTUNA_TRIAL_TAG] = str(trial.config[OPTUNA_TRIAL_KEY])
+            name = f"{key}-{trial.trial_id}"
+            log = tracking.RunLog(
+                self.client, tracking.create_run(self.client, self.experiment_id, name, tags, cfg), **settings
+            )
         else:
-            self.client.update_run(run_id, status="RUNNING")
-            logged = self.client.get_run(run_id).data.metrics.get(STEP)
-            if logged is not None:
-                self._logged_step[trial.trial_id] = int(logged)
-        self._runs[trial.trial_id] = run_id
-        return run_id
+            log = tracking.RunLog.reopened(self.client, run_id, progress=LOSS, **settings)
+        self._runs[trial.trial_id] = log
+        return log
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.run_id(trial)
+        self._log(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        """Logs a report at its step once: a resumed run reports its checkpoint's step again, which is logged
-        only when the run has nothing at that step yet (the driver stopped before logging it)."""
-        run_id = self.run_id(trial)
-        step = int(result.get(STEP, 0))
-        if step <= self._logged_step.get(trial.trial_id, -1):
+        log = self._log(trial)
+        if not log.log({k: v for k, v in result.items() if k not in _TUNE_KEYS}):
             return
-        self._logged_step[trial.trial_id] = step
-        metrics = {k: v for k, v in result.items() if k not in _TUNE_KEYS}
-        tracking.log_metrics(self.client, run_id, metrics, step=step)
-        self._tag_outcome(trial, run_id, trial_outcome(result))
+        outcome = report_outcome(result)
+        if outcome is not None:
+            log.tag("outcome", outcome)
         if result.get("checkpoint_path"):
-            self.client.set_tag(run_id, "checkpoint", result["checkpoint_path"])
-
-    def _tag_outcome(self, trial: Any, run_id: str, outcome: str | None) -> None:
-        if outcome is not None and self._outcomes.get(trial.trial_id) != outcome:
-            self.client.set_tag(run_id, "outcome", outcome)
-            self._outcomes[trial.trial_id] = outcome
+            log.tag("checkpoint", result["checkpoint_path"])
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = self.run_id(trial)
-        self._tag_outcome(trial, run_id, trial_outcome(trial.last_result or {}) or "trained")
+        log = self._log(trial)
+        log.tag("outcome", report_outcome(trial.last_result or {}) or "trained")
         steps = trial_config(self.bases, trial.config, trial.trial_id).train.steps
         stopped = stopped_at_step(trial.last_result, steps)
         if stopped is not None:
-            self.client.set_tag(run_id, tracking.STOPPED_BY_TAG, self.scheduler or "scheduler")
-            self.client.set_tag(run_id, tracking.STOPPED_AT_TAG, str(stopped))
-        self.client.set_terminated(run_id, status="FINISHED")
+            log.tag(tracking.STOPPED_BY_TAG, self.scheduler or "scheduler")
+            log.tag(tracking.STOPPED_AT_TAG, str(stopped))
+        log.end("FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = self.run_id(trial)
+        log = self._log(trial)
         if trial.error_file:
-            self.client.set_tag(run_id, "error_file", trial.error_file)
-        self.client.set_terminated(run_id, status="FAILED")
+            log.tag("error_file", trial.error_file)
+        log.end("FAILED")
 
 
 class TrialTable(Callback):
@@ -280,7 +259,7 @@ class TrialTable(Callback):
         self._update(trial, **fields)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        outcome = trial_outcome(trial.last_result or {})
+        outcome = report_outcome(trial.last_result or {})
         if outcome in (None, "trained"):
             steps = trial_config(self.bases, trial.config, trial.trial_id).train.steps
             outcome = "stopped" if stopped_at_step(trial.last_result, steps) else "TERMINATED"

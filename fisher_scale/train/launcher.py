@@ -1,20 +1,26 @@
-"""``fisher-scale train``: one training job as a Ray Train ``TorchTrainer`` run.
+"""``fisher-scale train``: one training job as a Ray Train ``TorchTrainer`` run, tracked in MLflow.
 
-Everything that can be checked is checked before Ray starts; the result lands in
-``train.output_dir`` (the adapter and ``result.json``) so that scripts and sweeps need no MLflow.
+Everything that can be checked is checked before Ray starts; the result also lands in
+``train.output_dir`` (the adapter, ``metrics.jsonl`` and ``result.json``) so that scripts need no MLflow.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fisher_scale import tracking
 from fisher_scale.config import ConfigError, ExperimentConfig
 from fisher_scale.errors import FisherScaleError, InputError, RunFailed
+from fisher_scale.train import metrics as metric
+from fisher_scale.train.card import add_provenance
 
 
 def check_resources(cfg: ExperimentConfig, available: dict[str, float]) -> None:
@@ -205,15 +211,13 @@ def metrics_log(path: Path) -> Any:
     restarted from a checkpoint report its step again)."""
     from ray.train.v2.api.callback import UserCallback
 
-    from fisher_scale.train.metrics import STEP
-
     class MetricsLog(UserCallback):
         logged_step = -1
 
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-            if metrics[0][STEP] <= self.logged_step:
+            if metrics[0][metric.STEP] <= self.logged_step:
                 return
-            self.logged_step = metrics[0][STEP]
+            self.logged_step = metrics[0][metric.STEP]
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as out:
                 out.write(json.dumps(metrics[0], default=str) + "\n")
@@ -255,11 +259,75 @@ def trainer(
     )
 
 
-def run_training(cfg: ExperimentConfig, *, run_name: str | None = None) -> dict[str, Any]:
-    """Check, start Ray, run one training job and write ``result.json``; returns its content."""
+@contextmanager
+def relayed(handle: Callable[[dict[str, Any]], None]) -> Iterator[Any]:
+    """A Ray Train callback for the trainer, passing every report (rank 0's metrics, with its checkpoint's path) to
+    ``handle`` on a thread of this process: Ray Train runs callbacks in its controller actor, the driver draws
+    the progress and writes MLflow. The reports still queued are handled before the block ends, and an error
+    ``handle`` raised is raised there."""
+    from queue import Empty
+
+    from ray.train.v2.api.callback import UserCallback
+    from ray.util.queue import Queue
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    done, errors = threading.Event(), []
+
+    class ReportRelay(UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            queue.put({**metrics[0], **({CHECKPOINT_KEY: checkpoint.path} if checkpoint else {})})
+
+    def drain() -> None:
+        while True:
+            try:
+                report = queue.get(timeout=0.5)
+            except Empty:
+                if done.is_set():
+                    return
+                continue
+            try:
+                handle(report)
+            except Exception as error:  # raised on the driver's thread at the end of the block
+                errors.append(error)
+                return
+
+    thread = threading.Thread(target=drain, name="fisher-scale-reports", daemon=True)
+    thread.start()
+    try:
+        yield ReportRelay()
+    finally:
+        done.set()
+        thread.join()
+        queue.shutdown()
+    if errors:
+        raise errors[0]
+
+
+#: the key of a relayed report that holds its checkpoint's path (what Tune's results call it)
+CHECKPOINT_KEY = "checkpoint_path"
+
+
+def training_run(cfg: ExperimentConfig, name: str, uri: str) -> tracking.RunLog:
+    """The MLflow run of one ``fisher-scale train`` job, in the experiment named by the config, logged like a trial
+    (params it used, its config, metrics at their steps), kind ``train``."""
+    client = tracking.client(uri)
+    experiment = tracking.experiment_id(client, cfg.name, uri)
+    tags = {tracking.KIND_TAG: tracking.TRAIN_KIND, "optimizer": cfg.optimizer.name, "ray_train_run": name}
+    run_id = tracking.create_run(client, experiment, name, tags, cfg)
+    return tracking.RunLog(client, run_id, step=metric.STEP, unchanging=metric.UNCHANGING)
+
+
+def run_training(
+    cfg: ExperimentConfig, *, run_name: str | None = None, on_report: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Check, start Ray, run one training job tracked in MLflow, write ``result.json``; returns its content, with
+    the MLflow run (``mlflow_run``, ``tracking_uri``). ``on_report`` sees every report as it arrives (a progress
+    display)."""
     import ray
 
     cfg = resolve_paths(cfg)
+    uri = tracking.tracking_uri(cfg)
+    tracking.check_reachable(uri)
     check_inputs(cfg)
     check_writable("train.output_dir", Path(cfg.train.output_dir))
     if cfg.train.resume_from:
@@ -278,7 +346,30 @@ def run_training(cfg: ExperimentConfig, *, run_name: str | None = None) -> dict[
     # Ray Train resumes a run whose name already exists in storage: each invocation gets its own name, and
     # continuing a run is explicit (train.resume_from)
     run_name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return fit(trainer(cfg, run_name=run_name, callbacks=[metrics_log(history)]), cfg)
+    log = training_run(cfg, run_name, uri)
+
+    def handle(report: dict[str, Any]) -> None:
+        log.log({k: v for k, v in report.items() if k != CHECKPOINT_KEY})
+        outcome = metric.report_outcome(report)
+        if outcome is not None:
+            log.tag("outcome", outcome)
+        if on_report is not None:
+            on_report(report)
+
+    try:
+        with relayed(handle) as relay:
+            summary = fit(trainer(cfg, run_name=run_name, callbacks=[metrics_log(history), relay]), cfg)
+    except BaseException as error:
+        log.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+    adapter = Path(summary["adapter"])
+    if adapter.is_dir():
+        add_provenance(adapter, {"MLflow run": log.run_id})
+        log.client.log_artifacts(log.run_id, str(adapter), "adapter")
+    log.client.log_artifact(log.run_id, str(Path(cfg.train.output_dir) / "result.json"))
+    log.end("FINISHED")
+    run = log.client.get_run(log.run_id).info
+    return {**summary, "mlflow_run": run.run_id, "experiment_id": run.experiment_id, "tracking_uri": uri}
 
 
 def training_failure(error: BaseException) -> FisherScaleError:

@@ -31,7 +31,9 @@ from fisher_scale.train.dataset import TrainingSet, scoring_share
 from fisher_scale.train.engine import deepspeed_config, init_distributed
 from fisher_scale.train.guard import NonFiniteGuard
 from fisher_scale.train.profile import StepProfiler, peak_memory_bytes
+from fisher_scale.train.quiet import quiet_worker
 from fisher_scale.train.schedule import learning_rate
+from fisher_scale.train.system import NodeMonitor
 
 
 def build_model(cfg: ExperimentConfig, num_labels: int | None, zero3: dict[str, Any] | None = None) -> nn.Module:
@@ -88,6 +90,7 @@ class Run:
         self.made_by = {"experiment": cfg.name, **(made_by or {})}
         init_distributed(cfg.distributed.use_gpu)
         self.profiler = StepProfiler(cfg.train.profile, cuda=cfg.distributed.use_gpu)
+        self.system = NodeMonitor(rank, world, use_gpu=cfg.distributed.use_gpu)
         self.profiler.install()
         torch.manual_seed(cfg.seed)
         self.data = TrainingSet(cfg)
@@ -229,6 +232,7 @@ class Run:
         metrics[metric.PEAK_MEMORY] = int(peak)
         metrics[metric.PARAMETERS] = self.parameters
         metrics[metric.EVAL_TIME] = self.history["eval_time_s"]
+        metrics.update(self.system.take())
         if isinstance(self.optimizer, FisherOptimizer):
             contrast = list(self.optimizer.curvature_contrast().values())
             if contrast:
@@ -313,13 +317,15 @@ def train_worker(config: dict[str, Any]) -> None:
     failure), else from ``train.resume_from`` (an earlier run's checkpoint directory); reports to Ray."""
     import ray.train
 
+    cfg = ExperimentConfig.model_validate(config)
+    quiet_worker(use_gpu=cfg.distributed.use_gpu)
+
     def report(metrics: dict[str, Any], directory: Path | None) -> None:
         checkpoint_ = ray.train.Checkpoint.from_directory(directory) if directory else None
         ray.train.report(metrics, checkpoint=checkpoint_)
 
     context = ray.train.get_context()
     restored = ray.train.get_checkpoint()
-    cfg = ExperimentConfig.model_validate(config)
     with contextlib.ExitStack() as stack:
         directory = newest_intact(restored, stack) if restored else None
         if directory is None and cfg.train.resume_from:

@@ -19,7 +19,14 @@ from ray.tune.search.optuna import OptunaSearch
 
 from fisher_scale import tracking
 from fisher_scale.config import ConfigError, ExperimentConfig, TuneConfig
-from fisher_scale.study.callbacks import STUDY_KEY, optuna_study_name, split_study_key, stopped_at_step, trial_values
+from fisher_scale.study.callbacks import (
+    OPTUNA_TRIAL_KEY,
+    STUDY_KEY,
+    optuna_study_name,
+    split_study_key,
+    stopped_at_step,
+    trial_values,
+)
 from fisher_scale.study.experiment import (
     StudyState,
     finish_study,
@@ -38,11 +45,12 @@ class EvalStepOptunaSearch(OptunaSearch):
     """Optuna search as its users read it: the objective named after the metric; intermediate values from the
     reports that carry the metric (eval steps only), keyed by the training step, not Tune's report count; a
     trial the scheduler stopped before ``max_steps`` PRUNED (Optuna keeps its last intermediate value), not
-    COMPLETE; and each trial's Ray trial id as a user attribute (its MLflow run is tagged with it and with the
-    Optuna study's name)."""
+    COMPLETE; each trial's Ray trial id as a user attribute, and its Optuna number in the trial config (its MLflow
+    run is tagged with both and with the Optuna study's name)."""
 
     def __init__(self, *args: Any, max_steps: int, **kwargs: Any) -> None:
         self.max_steps = max_steps
+        self._reported_steps: dict[str, set[int]] = {}
         super().__init__(*args, **kwargs)
 
     def _setup_study(self, mode: str | list) -> None:
@@ -53,13 +61,19 @@ class EvalStepOptunaSearch(OptunaSearch):
 
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
-        if trial_id in self._ot_trials:
+        if isinstance(config, dict) and trial_id in self._ot_trials:
             self._ot_trials[trial_id].set_user_attr(tracking.TRIAL_TAG, trial_id)
+            config = {**config, OPTUNA_TRIAL_KEY: self._ot_trials[trial_id].number}
         return config
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        if self.metric in result and trial_id not in self._completed_trials:
-            self._ot_trials[trial_id].report(result[self.metric], int(result[STEP]))
+        if self.metric not in result or trial_id in self._completed_trials:
+            return
+        step = int(result[STEP])
+        reported = self._reported_steps.setdefault(trial_id, set())
+        if step not in reported:  # the final report comes again through on_trial_complete
+            self._ot_trials[trial_id].report(result[self.metric], step)
+            reported.add(step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if error or trial_id in self._completed_trials or not result:
@@ -153,6 +167,7 @@ def run_study(
     ``on_start(state, root)`` is called once the study's folder and MLflow parent run exist."""
     from ray import tune
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per study created: the study prints its own header
     studies: dict[str, tuple[ExperimentConfig, dict]] = {}
 
     def check(cfg: ExperimentConfig) -> list[ExperimentConfig]:
