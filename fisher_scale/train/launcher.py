@@ -181,6 +181,9 @@ def start_ray(cfg: ExperimentConfig, *, log_to_driver: bool = True) -> None:
         # processes; the constant is this process's copy, read when ray.init picks the node's address.
         os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
         ray_constants.ENABLE_RAY_CLUSTER = False
+        # no node of a one-machine cluster is drained or preempted: Ray Train's watcher for that only logs a
+        # core-worker error line as the controller creates it
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(address=cfg.distributed.address, log_to_driver=log_to_driver, configure_logging=False)
     if local:  # this process started the instance: it goes with this process, even when killed
         from fisher_scale.train.reaper import reap_with_this_process
