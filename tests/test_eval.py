@@ -10,6 +10,7 @@ import json
 import math
 import os
 import socket
+import sys
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
@@ -341,10 +342,14 @@ def glue_features(record: dict, tokenizer: Any) -> dict:
     return features
 
 
-def test_max_examples_and_progress_output(capsys: pytest.CaptureFixture[str]) -> None:
+def test_max_examples_and_progress_output(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The progress bar is drawn on a terminal only (a Ray worker's output is a log file), and not when turned off."""
     tokenizer, model = load_tokenizer("tiny-encoder"), load_model("tiny-encoder", "classification", num_labels=2)
     result = evaluate_glue_classifier(model, tokenizer, "sst2", SYNTHETIC_SST2, max_examples=3, batch_size=2)
     assert len(result.predictions) == 3
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    evaluate_glue_classifier(model, tokenizer, "sst2", SYNTHETIC_SST2, max_examples=3, batch_size=2)
     assert "glue/sst2" in capsys.readouterr().err
     evaluate_glue_classifier(model, tokenizer, "sst2", SYNTHETIC_SST2, progress=False)
     assert capsys.readouterr().err == ""
@@ -367,6 +372,11 @@ def evaluations() -> dict[str, Any]:
     return {name: (result.metrics, result.predictions) for name, result in out.items()}
 
 
+class TerminalText(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 def sharded_worker(rank: int, world: int, port: int, out: str, prepare: Callable[[], None] | None) -> None:
     torch.set_num_threads(1)
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -374,7 +384,7 @@ def sharded_worker(rank: int, world: int, port: int, out: str, prepare: Callable
         prepare()
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        stderr = io.StringIO()
+        stderr = TerminalText()  # as on a terminal: rank 0 draws its progress bar, the others do not
         with contextlib.redirect_stderr(stderr):
             results = evaluations()
         torch.save({"results": results, "stderr": stderr.getvalue()}, Path(out) / f"rank{rank}.pt")
