@@ -96,3 +96,14 @@ def test_bottom_layers_import_alone(module: str, allowed: set[str], absent: set[
     units, loaded = (set(ast.literal_eval(line)) for line in lines.splitlines())
     assert units <= allowed, units - allowed
     assert not (absent & loaded), absent & loaded
+
+
+def test_the_read_only_commands_load_no_torch() -> None:
+    """``compare`` and ``report`` read MLflow and draw: importing torch (2+ s) would be most of their time."""
+    probe = (
+        "import sys\nfrom fisher_scale import cli, tracking\nfrom fisher_scale.tune import compare, report\n"
+        "from fisher_scale.study import experiment\nprint(sorted(m for m in ('torch', 'deepspeed', 'transformers') "
+        "if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert ast.literal_eval(loaded.strip()) == []

@@ -20,7 +20,6 @@ from fisher_scale import tracking
 from fisher_scale.config import ConfigError, ExperimentConfig
 from fisher_scale.errors import FisherScaleError, InputError, RunFailed
 from fisher_scale.train import metrics as metric
-from fisher_scale.train.card import add_provenance
 
 
 def check_resources(cfg: ExperimentConfig, available: dict[str, float]) -> None:
@@ -367,6 +366,8 @@ def run_training(
         raise
     adapter = Path(summary["adapter"])
     if adapter.is_dir():
+        from fisher_scale.train.card import add_provenance  # imports torch: not at the top (compare reads this module)
+
         add_provenance(adapter, {"MLflow run": log.run_id})
         log.client.log_artifacts(log.run_id, str(adapter), "adapter")
     log.client.log_artifact(log.run_id, str(Path(cfg.train.output_dir) / "result.json"))
