@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from collections.abc import Callable
@@ -323,5 +324,13 @@ def main(argv: list[str] | None = None) -> int:
         return exit_code(error)
 
 
+def run() -> None:
+    """The console script: :func:`main`, then exit without collecting the process's objects one by one (MLflow's,
+    matplotlib's, torch's: about a second of a read-only command such as ``compare``, and nothing left to do)."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

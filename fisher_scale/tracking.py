@@ -6,10 +6,13 @@ server. Studies started at once may share one SQLite store: its setup runs under
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import queue
+import threading
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -306,6 +309,39 @@ class RunLog:
 
     def end(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+class Writer:
+    """MLflow calls run in order on one background thread, so that the caller (a Tune callback: Tune's event loop
+    waits for each) returns at once. :meth:`flush` waits for every call submitted so far and raises the first
+    error one of them raised; the calls still queued when the process exits are run first (``atexit``)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._errors: list[Exception] = []
+
+    def submit(self, call: Callable[..., Any], *args: Any) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._drain, name="fisher-scale-mlflow", daemon=True)
+            self._thread.start()
+            atexit.register(self.flush)
+        self._queue.put((call, args))
+
+    def _drain(self) -> None:
+        while True:
+            call, args = self._queue.get()
+            try:
+                call(*args)
+            except Exception as error:  # raised by the next flush, on the caller's thread
+                self._errors.append(error)
+            finally:
+                self._queue.task_done()
+
+    def flush(self) -> None:
+        self._queue.join()
+        if self._errors:
+            raise self._errors.pop(0)
 
 
 def run_params(cfg: ExperimentConfig) -> dict[str, Any]:

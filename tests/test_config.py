@@ -134,3 +134,30 @@ def test_a_run_log_logs_each_step_once_at_its_step_and_constants_when_they_chang
     assert history("train/loss") == [(2, 3.0), (4, 2.5), (6, 2.0), (8, 1.5)]
     assert history("model/parameters") == [(2, 10.0)] and history("mask/kept/all") == [(2, 0.5), (6, 0.25)]
     assert run.data.tags["outcome"] == "trained" and run.info.status == "FINISHED"
+
+
+def test_the_writer_runs_calls_in_order_off_the_callers_thread_and_flush_raises_their_errors() -> None:
+    import threading
+    import time
+
+    from fisher_scale import tracking
+
+    writer, done, threads = tracking.Writer(), [], set()
+
+    def call(number: int) -> None:
+        time.sleep(0.01)
+        done.append(number)
+        threads.add(threading.get_ident())
+
+    started = time.perf_counter()
+    for number in range(20):
+        writer.submit(call, number)
+    assert time.perf_counter() - started < 0.1  # the caller does not wait for the calls
+    writer.flush()
+    assert done == list(range(20)) and threading.get_ident() not in threads and len(threads) == 1
+    writer.submit(lambda: 1 / 0)
+    writer.submit(call, 20)
+    with pytest.raises(ZeroDivisionError):
+        writer.flush()
+    assert done[-1] == 20  # a failed call does not stop the ones after it
+    writer.flush()

@@ -252,6 +252,7 @@ def test_replicates_of_one_study_are_compared_seed_by_seed(tmp_path: Path) -> No
     for number, (key, value) in enumerate(finals.items()):
         trial = SimpleNamespace(trial_id=f"t{number}", config={STUDY_KEY: key, "lr": 1e-3})
         callback.on_trial_result(0, [], trial, {"step": 10, "m": value})
+    callback.flush()  # MLflow is written on a background thread
     records = load_trials(client, experiment, "m")
     assert sorted((r.study, r.arm, r.params["seed"]) for r in records) == [
         ("study-1/seed0", "adamw-lora", "0"),

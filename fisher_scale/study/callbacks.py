@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from types import SimpleNamespace
 from typing import Any
 
 from ray.tune import Callback
@@ -80,7 +81,9 @@ class MlflowTrials(Callback):
     trial resumed after an interruption logs into the run it started (no duplicates), and with its
     ``outcome`` (``train.metrics.report_outcome`` of its latest report); a trial its scheduler stopped early is tagged
     ``stopped_by`` and ``stopped_at_step``, and a searched one names its Optuna study and trial (``optuna_study``,
-    ``optuna_trial_number``; the Optuna trial carries the Ray trial id as a user attribute)."""
+    ``optuna_trial_number``; the Optuna trial carries the Ray trial id as a user attribute). MLflow is written on
+    one background thread (``tracking.Writer``): Tune's event loop waits for every callback, and with tens of trials
+    synchronous writes stall it; the experiment's end waits for them."""
 
     def __init__(
         self,
@@ -96,9 +99,27 @@ class MlflowTrials(Callback):
         self.study, self.bases, self.kind, self.scheduler = study, bases, kind, scheduler
         self._client: Any = None
         self._runs: dict[str, tracking.RunLog] = {}
+        self._writer: tracking.Writer | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None, "_runs": {}}
+        return {**self.__dict__, "_client": None, "_runs": {}, "_writer": None}
+
+    def _submit(self, call: Any, trial: Any, *args: Any) -> None:
+        """Run ``call`` on the writer's thread with a copy of what it reads of the trial (Tune goes on changing it)."""
+        if self._writer is None:
+            self._writer = tracking.Writer()
+        seen = SimpleNamespace(
+            trial_id=trial.trial_id,
+            config=dict(trial.config),
+            last_result=dict(getattr(trial, "last_result", None) or {}),
+            error_file=getattr(trial, "error_file", None),
+        )
+        self._writer.submit(call, seen, *args)
+
+    def flush(self) -> None:
+        """Wait until everything submitted so far is in MLflow (the study ends with this)."""
+        if self._writer is not None:
+            self._writer.flush()
 
     @property
     def client(self) -> Any:
@@ -107,6 +128,7 @@ class MlflowTrials(Callback):
         return self._client
 
     def run_id(self, trial: Any) -> str:
+        self.flush()
         return self._log(trial).run_id
 
     def _log(self, trial: Any) -> tracking.RunLog:
@@ -146,9 +168,21 @@ class MlflowTrials(Callback):
         return log
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._log(trial)
+        self._submit(self._log, trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._submit(self._result, trial, dict(result))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._submit(self._complete, trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._submit(self._error, trial)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.flush()
+
+    def _result(self, trial: Any, result: dict[str, Any]) -> None:
         log = self._log(trial)
         if not log.log({k: v for k, v in result.items() if k not in _TUNE_KEYS}):
             return
@@ -158,7 +192,7 @@ class MlflowTrials(Callback):
         if result.get("checkpoint_path"):
             log.tag("checkpoint", result["checkpoint_path"])
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def _complete(self, trial: Any) -> None:
         log = self._log(trial)
         log.tag("outcome", report_outcome(trial.last_result or {}) or "trained")
         steps = trial_config(self.bases, trial.config, trial.trial_id).train.steps
@@ -168,7 +202,7 @@ class MlflowTrials(Callback):
             log.tag(tracking.STOPPED_AT_TAG, str(stopped))
         log.end("FINISHED")
 
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def _error(self, trial: Any) -> None:
         log = self._log(trial)
         if trial.error_file:
             log.tag("error_file", trial.error_file)
