@@ -89,7 +89,7 @@ def tune_wall_time(folder: Path, trials: int, reports: int, tracked: bool) -> fl
     started = time.perf_counter()
     tune.Tuner(
         tune.with_resources(synthetic, {"cpu": 1.0 / trials}),
-        param_space={"x": tune.grid_search(list(range(trials)))},
+        param_space={"seed": tune.grid_search(list(range(trials)))},  # a config key: the callback resolves it
         tune_config=tune.TuneConfig(max_concurrent_trials=trials),
         run_config=tune.RunConfig(storage_path=str(folder / "ray"), callbacks=callbacks, verbose=0),
     ).fit()
