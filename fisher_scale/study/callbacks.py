@@ -16,6 +16,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from fisher_scale import tracking
 from fisher_scale.config import ExperimentConfig, with_values
+from fisher_scale.train.launcher import track_report
 from fisher_scale.train.metrics import LOSS, STEP, UNCHANGING, report_outcome
 
 #: keys Tune adds to every result, not training metrics
@@ -184,11 +185,8 @@ class MlflowTrials(Callback):
 
     def _result(self, trial: Any, result: dict[str, Any]) -> None:
         log = self._log(trial)
-        if not log.log({k: v for k, v in result.items() if k not in _TUNE_KEYS}):
+        if not track_report(log, {k: v for k, v in result.items() if k not in _TUNE_KEYS}):
             return
-        outcome = report_outcome(result)
-        if outcome is not None:
-            log.tag("outcome", outcome)
         if result.get("checkpoint_path"):
             log.tag("checkpoint", result["checkpoint_path"])
 

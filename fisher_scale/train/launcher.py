@@ -207,26 +207,6 @@ def check_local_resources(cfg: ExperimentConfig) -> None:
         check_resources(cfg, resources)
 
 
-def metrics_log(path: Path) -> Any:
-    """A Ray Train callback appending every report (rank 0's metrics) to a JSON-lines file, so that the whole
-    history of a run, not just its final metrics, is readable without MLflow; one line per step (workers
-    restarted from a checkpoint report its step again)."""
-    from ray.train.v2.api.callback import UserCallback
-
-    class MetricsLog(UserCallback):
-        logged_step = -1
-
-        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-            if metrics[0][metric.STEP] <= self.logged_step:
-                return
-            self.logged_step = metrics[0][metric.STEP]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a") as out:
-                out.write(json.dumps(metrics[0], default=str) + "\n")
-
-    return MetricsLog()
-
-
 def trainer(
     cfg: ExperimentConfig,
     *,
@@ -309,6 +289,17 @@ def relayed(handle: Callable[[dict[str, Any]], None]) -> Iterator[Any]:
 CHECKPOINT_KEY = "checkpoint_path"
 
 
+def track_report(log: tracking.RunLog, report: dict[str, Any]) -> bool:
+    """Log a report into its run with the ``outcome`` it says (``train.metrics.report_outcome``); False when its
+    step was logged already (a restarted worker reports its checkpoint's step again)."""
+    if not log.log(report):
+        return False
+    outcome = metric.report_outcome(report)
+    if outcome is not None:
+        log.tag("outcome", outcome)
+    return True
+
+
 def training_run(cfg: ExperimentConfig, name: str, uri: str) -> tracking.RunLog:
     """The MLflow run of one ``fisher-scale train`` job, in the experiment named by the config, logged like a trial
     (params it used, its config, metrics at their steps), kind ``train``."""
@@ -351,16 +342,17 @@ def run_training(
     log = training_run(cfg, run_name, uri)
 
     def handle(report: dict[str, Any]) -> None:
-        log.log({k: v for k, v in report.items() if k != CHECKPOINT_KEY})
-        outcome = metric.report_outcome(report)
-        if outcome is not None:
-            log.tag("outcome", outcome)
+        metrics = {k: v for k, v in report.items() if k != CHECKPOINT_KEY}
+        if track_report(log, metrics):  # the whole history, readable without MLflow: one line per step
+            history.parent.mkdir(parents=True, exist_ok=True)
+            with history.open("a") as out:
+                out.write(json.dumps(metrics, default=str) + "\n")
         if on_report is not None:
             on_report(report)
 
     try:
         with relayed(handle) as relay:
-            summary = fit(trainer(cfg, run_name=run_name, callbacks=[metrics_log(history), relay]), cfg)
+            summary = fit(trainer(cfg, run_name=run_name, callbacks=[relay]), cfg)
     except BaseException as error:
         log.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
