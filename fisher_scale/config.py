@@ -254,6 +254,12 @@ class TuneConfig(Section):
     scheduler: Literal["none", "asha"] = Field("none", description="asha: stop poor trials early (on step)")
     grace_period: int = Field(10, ge=1, description="ASHA: steps before a trial can be stopped")
     reduction_factor: float = Field(3, gt=1, description="ASHA: keeps 1/reduction_factor at each rung")
+    max_failures: int = Field(
+        0,
+        ge=0,
+        description="Ray Tune FailureConfig: restarts of a failed trial (of tune and scale studies), each resuming "
+        "from the trial's last Ray Train checkpoint; distributed.max_failures recovers workers within a run first",
+    )
 
 
 class ScaleConfig(Section):

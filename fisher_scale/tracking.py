@@ -240,20 +240,37 @@ def log_params(mlflow_client: Any, run_id: str, params: Mapping[str, Any]) -> No
         mlflow_client.log_batch(run_id, params=items[start : start + 100])
 
 
-def log_metrics(mlflow_client: Any, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
-    """The finite numbers among ``metrics`` at ``step`` (strings, lists and NaN are left out)."""
+def metric_points(metrics: Mapping[str, Any], step: int) -> list[Any]:
+    """MLflow points of the finite numbers among ``metrics`` at ``step`` (strings, lists and NaN are left out)."""
     import time
 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    items = [
+    return [
         Metric(key, float(value), now, step)
         for key, value in metrics.items()
         if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     ]
-    for start in range(0, len(items), 1000):
-        mlflow_client.log_batch(run_id, metrics=items[start : start + 1000])
+
+
+#: the most entities (metrics, tags) one MLflow ``log_batch`` request takes
+BATCH_LIMIT = 1000
+
+
+def log_batch(mlflow_client: Any, run_id: str, points: list[Any], tags: Mapping[str, str] | None = None) -> None:
+    """Metric points and tags in as few ``log_batch`` requests as MLflow allows (none for nothing)."""
+    from mlflow.entities import RunTag
+
+    tag_entities = [RunTag(key, value) for key, value in (tags or {}).items()]
+    for start in range(0, len(points) or len(tag_entities), BATCH_LIMIT):
+        mlflow_client.log_batch(run_id, metrics=points[start : start + BATCH_LIMIT], tags=tag_entities)
+        tag_entities = []
+
+
+def log_metrics(mlflow_client: Any, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
+    """The finite numbers among ``metrics`` at ``step``, now."""
+    log_batch(mlflow_client, run_id, metric_points(metrics, step))
 
 
 def create_run(mlflow_client: Any, experiment: str, name: str, tags: Mapping[str, str], cfg: ExperimentConfig) -> str:
@@ -266,10 +283,11 @@ def create_run(mlflow_client: Any, experiment: str, name: str, tags: Mapping[str
 
 
 class RunLog:
-    """A training job's reports logged into its MLflow run at their step (MLflow's step; not a metric itself), each
-    step once: a resumed job reports its checkpoint's step again, which is logged only when the run has nothing at
-    that step yet. Metrics named (or prefixed) by ``unchanging`` are logged only when their value changes, and
-    tags only when theirs does."""
+    """A training job's reports for its MLflow run at their step (MLflow's step; not a metric itself), each step
+    once: a resumed job reports its checkpoint's step again, which is kept only when the run has nothing at that
+    step yet. Metrics named (or prefixed) by ``unchanging`` are kept only when their value changes, and tags only
+    when theirs does. Reports and tags wait in the log until :meth:`send` writes them in one request, so that a
+    writer that fell behind catches up with one request per run, not one per report."""
 
     def __init__(
         self, mlflow_client: Any, run_id: str, *, step: str, unchanging: tuple[str, ...] = (), logged_step: int = -1
@@ -278,6 +296,8 @@ class RunLog:
         self.logged_step = logged_step
         self._last: dict[str, Any] = {}
         self._tags: dict[str, str] = {}
+        self._points: list[Any] = []
+        self._pending_tags: dict[str, str] = {}
 
     @classmethod
     def reopened(cls, mlflow_client: Any, run_id: str, *, progress: str, **settings: Any) -> RunLog:
@@ -288,7 +308,7 @@ class RunLog:
         return cls(mlflow_client, run_id, logged_step=max(steps, default=-1), **settings)
 
     def log(self, report: Mapping[str, Any]) -> bool:
-        """Log one report (False: its step was logged already)."""
+        """Keep one report for the next :meth:`send` (False: its step was logged already)."""
         step = int(report.get(self.step, 0))
         if step <= self.logged_step:
             return False
@@ -299,27 +319,35 @@ class RunLog:
             if k != self.step and not (k.startswith(self.unchanging) and self._last.get(k) == v)
         }
         self._last.update({k: v for k, v in metrics.items() if k.startswith(self.unchanging)})
-        log_metrics(self.client, self.run_id, metrics, step=step)
+        self._points += metric_points(metrics, step)
         return True
 
     def tag(self, key: str, value: str) -> None:
         if self._tags.get(key) != value:
-            self.client.set_tag(self.run_id, key, value)
+            self._pending_tags[key] = value
             self._tags[key] = value
 
+    def send(self) -> None:
+        """Write what was kept since the last send (nothing: no request)."""
+        points, tags, self._points, self._pending_tags = self._points, self._pending_tags, [], {}
+        log_batch(self.client, self.run_id, points, tags)
+
     def end(self, status: str) -> None:
+        self.send()
         self.client.set_terminated(self.run_id, status=status)
 
 
 class Writer:
     """MLflow calls run in order on one background thread, so that the caller (a Tune callback: Tune's event loop
-    waits for each) returns at once. :meth:`flush` waits for every call submitted so far and raises the first
-    error one of them raised; the calls still queued when the process exits are run first (``atexit``)."""
+    waits for each) returns at once. The thread takes every call queued so far, runs them, then ``drained`` (which
+    sends what they kept, :meth:`RunLog.send`). :meth:`flush` waits for every call submitted so far and raises the
+    first error one of them raised; the calls still queued when the process exits are run first (``atexit``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, drained: Callable[[], None] = lambda: None) -> None:
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._errors: list[Exception] = []
+        self._drained = drained
 
     def submit(self, call: Callable[..., Any], *args: Any) -> None:
         if self._thread is None:
@@ -330,12 +358,15 @@ class Writer:
 
     def _drain(self) -> None:
         while True:
-            call, args = self._queue.get()
-            try:
-                call(*args)
-            except Exception as error:  # raised by the next flush, on the caller's thread
-                self._errors.append(error)
-            finally:
+            calls = [self._queue.get()]
+            while not self._queue.empty():
+                calls.append(self._queue.get())
+            for call, args in [*calls, (self._drained, ())]:
+                try:
+                    call(*args)
+                except Exception as error:  # raised by the next flush, on the caller's thread
+                    self._errors.append(error)
+            for _ in calls:
                 self._queue.task_done()
 
     def flush(self) -> None:

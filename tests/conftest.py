@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,3 +80,47 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=True, configure_logging=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+#: how to get PostgreSQL's server programs (``.ci/run`` does this)
+POSTGRES_INSTALL = "apt-get install -y postgresql (Debian's package)"
+
+
+def postgres_programs() -> Path | None:
+    """The folder of PostgreSQL's ``initdb`` and ``pg_ctl``: on the PATH, or where Debian puts them."""
+    found = shutil.which("initdb") or max(glob.glob("/usr/lib/postgresql/*/bin/initdb"), default=None)
+    return Path(found).resolve().parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Callable[[str], str]]:
+    """A throwaway PostgreSQL server on loopback (trust authentication, no password), started for the session;
+    yields a function that creates a database and returns its URL."""
+    from fisher_scale.train.local import free_port
+
+    programs = postgres_programs()
+    if programs is None:
+        pytest.skip(f"needs PostgreSQL's server programs: {POSTGRES_INSTALL}")
+    folder = Path(tempfile.mkdtemp(prefix="fisher-scale-postgres-"))
+    as_owner: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root: run it as Debian's postgres user
+        shutil.chown(folder, "postgres")
+        as_owner = ["runuser", "-u", "postgres", "--"]
+    data, port = folder / "data", free_port()
+
+    def run(program: str, *args: str) -> None:
+        done = subprocess.run([*as_owner, str(programs / program), *args], capture_output=True, text=True)
+        assert done.returncode == 0, f"{program}: {done.stdout}{done.stderr}"
+
+    run("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
+    run("pg_ctl", "-D", str(data), "-l", str(folder / "server.log"), "-o", options, "-w", "start")
+    url = f"postgresql://postgres@127.0.0.1:{port}"
+
+    def database(name: str) -> str:
+        run("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", name)
+        return f"{url}/{name}"
+
+    yield database
+    run("pg_ctl", "-D", str(data), "-m", "immediate", "stop")
+    shutil.rmtree(folder, ignore_errors=True)

@@ -3,9 +3,14 @@ searcher, trial budget and ASHA, checked against separate per-study objects fed 
 
 from __future__ import annotations
 
+import os
+import signal
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 
@@ -114,3 +119,68 @@ def test_asha_decisions_equal_one_scheduler_per_study(seed: int) -> None:
         decisions["shared"].append(shared.on_trial_result(None, trial, result))
     assert decisions["combined"] == decisions["separate"]
     assert decisions["shared"] != decisions["separate"]
+
+
+def constant_trial(config: dict) -> None:
+    """A trial that reports its config's level at every step (no training)."""
+    from ray import tune
+
+    for step in range(1, 9):
+        tune.report({"step": step, "m": config["level"]})
+
+
+class CtrlCOnce(Callback):
+    """Ctrl+C (SIGINT to this process, which Tune handles by saving the experiment and stopping) when trial
+    ``level`` first reports, once: a marker file says it happened, so the resumed experiment, which unpickles a
+    fresh copy, runs on."""
+
+    def __init__(self, level: float, marker: Path) -> None:
+        self.level, self.marker = level, marker
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if result["m"] == self.level and not self.marker.exists():
+            self.marker.touch()
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+#: trial levels in the order the trials run; ASHA (rungs at steps 2 and 4) stops the 3rd, 5th and 7th at step 2
+#: and the 8th at step 4
+LEVELS = [0.5, 0.9, 0.3, 0.7, 0.4, 0.8, 0.2, 0.6]
+
+
+def last_steps(tmp_path: Path, *, interrupt: bool, keep_state: bool) -> dict[float, int]:
+    """The last step of each trial of one ASHA experiment, run through or interrupted as the 5th trial starts and
+    resumed; with or without :class:`SchedulerState`."""
+    from ray import tune
+
+    from fisher_scale.study.callbacks import SchedulerState
+
+    scheduler = StudiesScheduler({"a": asha()})
+    path = tmp_path / f"interrupt{interrupt}-state{keep_state}"
+    path.mkdir()
+    callbacks = [CtrlCOnce(LEVELS[4], path / "interrupted")] if interrupt else []
+    tuner = tune.Tuner(
+        constant_trial,
+        param_space={"study": "a", "level": tune.grid_search(LEVELS)},
+        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=1, reuse_actors=True),
+        run_config=tune.RunConfig(
+            name="asha",
+            storage_path=str(path),
+            callbacks=[*callbacks, SchedulerState(scheduler)] if keep_state else callbacks,
+            verbose=0,
+        ),
+    )
+    results = tuner.fit()
+    if interrupt:
+        assert len([r for r in results if r.metrics.get("step") == 8]) < len(LEVELS)  # it did stop early
+        results = tune.Tuner.restore(str(path / "asha"), constant_trial, resume_unfinished=True).fit()
+    return {r.config["level"]: r.metrics["step"] for r in results}
+
+
+def test_a_resumed_asha_study_stops_the_trials_an_uninterrupted_one_stops(tmp_path: Path, ray_session) -> None:
+    """Tune does not save its scheduler with the experiment: without SchedulerState the resumed ASHA forgets the
+    rungs of the trials before the interruption and lets the 5th trial run on."""
+    through = last_steps(tmp_path, interrupt=False, keep_state=True)
+    assert through == {0.5: 8, 0.9: 8, 0.3: 2, 0.7: 8, 0.4: 2, 0.8: 8, 0.2: 2, 0.6: 4}, through
+    assert last_steps(tmp_path, interrupt=True, keep_state=True) == through
+    assert last_steps(tmp_path, interrupt=True, keep_state=False)[0.4] == 8

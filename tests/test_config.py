@@ -108,7 +108,8 @@ def test_params_are_logged_as_a_reader_compares_them(tmp_path) -> None:
 
 def test_a_run_log_logs_each_step_once_at_its_step_and_constants_when_they_change(tmp_path) -> None:
     """``step`` is MLflow's step, not a metric; a replayed step is not logged twice (also after the run is reopened
-    by a resumed job); an unchanging metric gets a point only when its value changes; tags only when theirs does."""
+    by a resumed job); an unchanging metric gets a point only when its value changes; tags only when theirs does;
+    nothing is written before the log is sent (or ended)."""
     from fisher_scale import tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -121,6 +122,8 @@ def test_a_run_log_logs_each_step_once_at_its_step_and_constants_when_they_chang
     assert logged == [True, False, True, True]
     log.tag("outcome", "trained")
     log.tag("outcome", "trained")
+    assert client.get_metric_history(run_id, "train/loss") == [] and "outcome" not in client.get_run(run_id).data.tags
+    log.send()  # everything kept so far in one request
     reopened = tracking.RunLog.reopened(client, run_id, progress="train/loss", **settings)
     assert reopened.logged_step == 6 and client.get_run(run_id).info.status == "RUNNING"
     assert not reopened.log({"step": 6, "train/loss": 2.0}) and reopened.log({"step": 8, "train/loss": 1.5})
@@ -137,12 +140,14 @@ def test_a_run_log_logs_each_step_once_at_its_step_and_constants_when_they_chang
 
 
 def test_the_writer_runs_calls_in_order_off_the_callers_thread_and_flush_raises_their_errors() -> None:
+    """... and after each batch of calls it found queued, ``drained`` (one send per batch, not per call)."""
     import threading
     import time
 
     from fisher_scale import tracking
 
-    writer, done, threads = tracking.Writer(), [], set()
+    done: list = []
+    writer, threads = tracking.Writer(drained=lambda: done.append("sent")), set()
 
     def call(number: int) -> None:
         time.sleep(0.01)
@@ -154,10 +159,12 @@ def test_the_writer_runs_calls_in_order_off_the_callers_thread_and_flush_raises_
         writer.submit(call, number)
     assert time.perf_counter() - started < 0.1  # the caller does not wait for the calls
     writer.flush()
-    assert done == list(range(20)) and threading.get_ident() not in threads and len(threads) == 1
+    assert [d for d in done if d != "sent"] == list(range(20)) and done[-1] == "sent"
+    assert done.count("sent") <= 3  # the calls queued while one ran were taken together
+    assert threading.get_ident() not in threads and len(threads) == 1
     writer.submit(lambda: 1 / 0)
     writer.submit(call, 20)
     with pytest.raises(ZeroDivisionError):
         writer.flush()
-    assert done[-1] == 20  # a failed call does not stop the ones after it
+    assert done[-2:] == [20, "sent"]  # a failed call does not stop the ones after it
     writer.flush()

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -734,8 +735,9 @@ def test_unreachable_tracking_server_fails_before_any_trial(tmp_path: Path) -> N
 
 
 @pytest.fixture
-def mlflow_server(tmp_path: Path):
-    """A real ``mlflow server`` on loopback with its own SQLite store and artifact folder."""
+def mlflow_server(tmp_path: Path, postgres: Callable[[str], str]):
+    """A real ``mlflow server`` on loopback with its backend store on PostgreSQL (as on a cluster) and its own
+    artifact folder."""
     port = free_port()
     log = (tmp_path / "mlflow-server.log").open("w")
     process = subprocess.Popen(
@@ -743,7 +745,7 @@ def mlflow_server(tmp_path: Path):
             str(Path(sys.executable).parent / "mlflow"),
             "server",
             "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
+            postgres(f"mlflow_{tmp_path.name}"),
             "--artifacts-destination",
             str(tmp_path / "server-artifacts"),
             "--host",
@@ -777,11 +779,12 @@ def mlflow_server(tmp_path: Path):
 
 @needs_data
 def test_sweep_with_early_stopping_runs_to_the_end_tracked_on_a_server(
-    ray_session: None, tmp_path: Path, mlflow_server: str
+    ray_session: None, tmp_path: Path, mlflow_server: str, postgres: Callable[[str], str]
 ) -> None:
     """Two studies (arms of ``tune.arms``) run side by side in one Tune experiment, each with its own Optuna study,
     budget and ASHA; ASHA stops trials (their Train placement groups are freed, the next trials run), and MLflow
-    on a real server gets a parent run with one finished child per trial, params, step metrics and artifacts."""
+    on a real server gets a parent run with one finished child per trial, params, step metrics and artifacts.
+    Optuna and the MLflow server keep their records on PostgreSQL, as the cluster configs have them."""
     import optuna
     from mlflow import MlflowClient
 
@@ -790,6 +793,7 @@ def test_sweep_with_early_stopping_runs_to_the_end_tracked_on_a_server(
     arms = {"narrow": {"peft.rank": 2}, "wide": {"peft.rank": 4}}
     tree = study_tree(tmp_path, scheduler="asha", grace_period=4, reduction_factor=2, arms=arms, max_concurrent=2)
     tree["tracking"]["uri"] = mlflow_server
+    tree["tune"]["storage"] = postgres(f"optuna_{tmp_path.name}")
     cfg = build_config(tree)
     state = run_study(cfg)
 

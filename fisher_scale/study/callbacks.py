@@ -1,13 +1,16 @@
-"""Ray Tune callbacks that run on the driver: MLflow child runs per trial, and the live trial table.
+"""Ray Tune callbacks that run on the driver: MLflow child runs per trial, the live trial table, and the
+scheduler's state saved with the experiment.
 
-Tune pickles its callbacks with the experiment state (``Tuner.restore`` brings them back), so both
-keep only plain settings and rebuild their MLflow client / console on first use.
+Tune pickles its callbacks with the experiment state (``Tuner.restore`` brings them back), so the MLflow
+and table callbacks keep only plain settings and rebuild their MLflow client / console on first use.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -83,8 +86,8 @@ class MlflowTrials(Callback):
     ``outcome`` (``train.metrics.report_outcome`` of its latest report); a trial its scheduler stopped early is tagged
     ``stopped_by`` and ``stopped_at_step``, and a searched one names its Optuna study and trial (``optuna_study``,
     ``optuna_trial_number``; the Optuna trial carries the Ray trial id as a user attribute). MLflow is written on
-    one background thread (``tracking.Writer``): Tune's event loop waits for every callback, and with tens of trials
-    synchronous writes stall it; the experiment's end waits for them."""
+    one background thread (``tracking.Writer``), each trial's queued reports in one request: Tune's event loop waits
+    for every callback, and with tens of trials synchronous writes stall it; the experiment's end waits for them."""
 
     def __init__(
         self,
@@ -108,7 +111,7 @@ class MlflowTrials(Callback):
     def _submit(self, call: Any, trial: Any, *args: Any) -> None:
         """Run ``call`` on the writer's thread with a copy of what it reads of the trial (Tune goes on changing it)."""
         if self._writer is None:
-            self._writer = tracking.Writer()
+            self._writer = tracking.Writer(drained=self._send)
         seen = SimpleNamespace(
             trial_id=trial.trial_id,
             config=dict(trial.config),
@@ -116,6 +119,10 @@ class MlflowTrials(Callback):
             error_file=getattr(trial, "error_file", None),
         )
         self._writer.submit(call, seen, *args)
+
+    def _send(self) -> None:
+        for log in self._runs.values():
+            log.send()
 
     def flush(self) -> None:
         """Wait until everything submitted so far is in MLflow (the study ends with this)."""
@@ -205,6 +212,26 @@ class MlflowTrials(Callback):
         if trial.error_file:
             log.tag("error_file", trial.error_file)
         log.end("FAILED")
+
+
+class SchedulerState(Callback):
+    """Tune saves its searcher's and its callbacks' state with the experiment, not its scheduler's: without this
+    callback a resumed study's ASHA would have forgotten its rungs and judge trials only against results reported
+    since the resume. Pass it the scheduler given to the same Tuner: the Tuner pickles the two together, so the
+    restored callback restores the restored scheduler."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def get_state(self) -> dict[str, bytes]:
+        with tempfile.TemporaryDirectory() as tmp:
+            self.scheduler.save(f"{tmp}/scheduler.pkl")
+            return {"scheduler": Path(f"{tmp}/scheduler.pkl").read_bytes()}
+
+    def set_state(self, state: dict[str, bytes]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(f"{tmp}/scheduler.pkl").write_bytes(state["scheduler"])
+            self.scheduler.restore(f"{tmp}/scheduler.pkl")
 
 
 class TrialTable(Callback):

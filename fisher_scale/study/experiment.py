@@ -254,11 +254,11 @@ def make_tuner(
     param_space: dict[str, Any] | None = None,
 ) -> Any:
     """A new Tune experiment ``name`` running :func:`run_trial` on the base config of each trial's study
-    (``bases`` by label) with the MLflow and live-table callbacks, or the interrupted one restored from
-    storage (callbacks and search state included)."""
+    (``bases`` by label) with the MLflow, live-table and scheduler-state callbacks, or the interrupted one
+    restored from storage (callbacks, search and scheduler state included)."""
     from ray import tune
 
-    from fisher_scale.study.callbacks import MlflowTrials, TrialTable
+    from fisher_scale.study.callbacks import MlflowTrials, SchedulerState, TrialTable
 
     study_root = f"{root}/{state.study}"
     bases_json = {label: base.model_dump(mode="json") for label, base in bases.items()}
@@ -279,11 +279,19 @@ def make_tuner(
         ),
         TrialTable(state.study, metric, mode, keys, bases_json, studies=len(bases) > 1),
     ]
+    if tune_config.scheduler is not None:
+        callbacks.append(SchedulerState(tune_config.scheduler))
     return tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune_config,
-        run_config=tune.RunConfig(name=name, storage_path=study_root, callbacks=callbacks, verbose=0),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=study_root,
+            callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=next(iter(bases.values())).tune.max_failures),
+            verbose=0,
+        ),
     )
 
 

@@ -290,8 +290,8 @@ CHECKPOINT_KEY = "checkpoint_path"
 
 
 def track_report(log: tracking.RunLog, report: dict[str, Any]) -> bool:
-    """Log a report into its run with the ``outcome`` it says (``train.metrics.report_outcome``); False when its
-    step was logged already (a restarted worker reports its checkpoint's step again)."""
+    """Keep a report in its run's log with the ``outcome`` it says (``train.metrics.report_outcome``) until the log
+    is sent; False when its step was logged already (a restarted worker reports its checkpoint's step again)."""
     if not log.log(report):
         return False
     outcome = metric.report_outcome(report)
@@ -343,7 +343,9 @@ def run_training(
 
     def handle(report: dict[str, Any]) -> None:
         metrics = {k: v for k, v in report.items() if k != CHECKPOINT_KEY}
-        if track_report(log, metrics):  # the whole history, readable without MLflow: one line per step
+        logged = track_report(log, metrics)
+        log.send()
+        if logged:  # the whole history, readable without MLflow: one line per step
             history.parent.mkdir(parents=True, exist_ok=True)
             with history.open("a") as out:
                 out.write(json.dumps(metrics, default=str) + "\n")

@@ -1,0 +1,71 @@
+"""Studies on more than one Ray node, all on this machine: a multi-node local cluster (``ray.cluster_utils.Cluster``)
+that loses a node mid-study, and a cluster started with ``ray start --head`` and token authentication joined
+through ``distributed.address``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from .test_tune import needs_data, study_tree
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@needs_data
+def test_a_study_spreads_over_nodes_and_survives_losing_one(tmp_path: Path) -> None:
+    """Two trials at a time on three 1-CPU nodes; the node of a checkpointed trial's worker is removed without warning.
+    The trial fails, Tune restarts it (``tune.max_failures``) on a node still there, and its Ray Train run resumes
+    from the checkpoint on the shared storage: the study finishes with every trial once in Tune, Optuna and MLflow,
+    each step logged once."""
+    import optuna
+
+    tree = study_tree(tmp_path, num_samples=3, max_concurrent=2, max_failures=1)
+    tree["tune"]["metric"] = "train/loss"
+    tree["eval"]["every"] = 0
+    (tmp_path / "tree.json").write_text(json.dumps(tree))
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.multinode", str(tmp_path / "tree.json"), str(tmp_path / "seen.json")],
+        cwd=ROOT,
+        # not the test session's Ray (its address is exported once a test started it)
+        env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TRAIN_ENABLE_STATE_TRACKING": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert "preempted" in seen, "no node was removed"
+    trial, lost = seen["preempted"]["trial"], seen["preempted"]["node"]
+    used = {node for _, _, nodes in seen["attempts"] for node in nodes}
+    assert len(used & set(seen["worker_nodes"])) >= 2  # the trials' workers spread over the nodes
+    restarted = [nodes for name, _, nodes in seen["attempts"] if name == trial]
+    assert len(restarted) == 2 and lost in restarted[0] and lost not in restarted[1], seen["attempts"]
+
+    client = MlflowClient(tree["tracking"]["uri"])
+    experiment = client.get_experiment_by_name(tree["name"])
+    children = client.search_runs([experiment.experiment_id], filter_string="tags.`fisher_scale.kind` = 'trial'")
+    assert len(children) == 3 and len({c.data.tags["ray_trial_id"] for c in children}) == 3
+    assert all(c.info.status == "FINISHED" for c in children)
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
+        assert sorted(steps) == list(range(2, 13, 2)), steps  # once each, the restarted trial's too
+    study = optuna.load_study(study_name=f"{seen['study']}/adamw", storage=tree["tune"]["storage"])
+    assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
+    # the restarted trial went on from its checkpoint, not from its start: Tune saw a checkpoint's step twice
+    progress = (tmp_path / "ray" / seen["study"] / "studies").glob(f"*{trial}*/progress.csv")
+    (steps,) = [_steps(path) for path in progress]
+    again = {step for step in steps if steps.count(step) == 2}
+    assert len(again) == 1 and again <= {4, 8} and steps[0] == 2 and len(steps) == len(set(steps)) + 1, steps
+
+
+def _steps(progress: Path) -> list[int]:
+    import csv
+
+    with progress.open() as rows:
+        return [int(float(row["step"])) for row in csv.DictReader(rows)]
