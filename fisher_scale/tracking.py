@@ -11,6 +11,7 @@ import math
 import os
 import queue
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -242,8 +243,6 @@ def log_params(mlflow_client: Any, run_id: str, params: Mapping[str, Any]) -> No
 
 def metric_points(metrics: Mapping[str, Any], step: int) -> list[Any]:
     """MLflow points of the finite numbers among ``metrics`` at ``step`` (strings, lists and NaN are left out)."""
-    import time
-
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -339,15 +338,16 @@ class RunLog:
 
 class Writer:
     """MLflow calls run in order on one background thread, so that the caller (a Tune callback: Tune's event loop
-    waits for each) returns at once. The thread takes every call queued so far, runs them, then ``drained`` (which
-    sends what they kept, :meth:`RunLog.send`). :meth:`flush` waits for every call submitted so far and raises the
-    first error one of them raised; the calls still queued when the process exits are run first (``atexit``)."""
+    waits for each) returns at once. The thread takes every call queued so far, at most once every ``every_s``
+    seconds, runs them, then ``drained`` (which sends what they kept, :meth:`RunLog.send`: a request per run and
+    batch, however many reports it holds). :meth:`flush` waits for every call submitted so far and raises the first
+    error one of them raised; the calls still queued when the process exits are run first (``atexit``)."""
 
-    def __init__(self, drained: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, drained: Callable[[], None] = lambda: None, every_s: float = 0.0) -> None:
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._errors: list[Exception] = []
-        self._drained = drained
+        self._drained, self._every_s, self._last = drained, every_s, 0.0
 
     def submit(self, call: Callable[..., Any], *args: Any) -> None:
         if self._thread is None:
@@ -359,6 +359,8 @@ class Writer:
     def _drain(self) -> None:
         while True:
             calls = [self._queue.get()]
+            time.sleep(max(0.0, self._last + self._every_s - time.monotonic()))
+            self._last = time.monotonic()
             while not self._queue.empty():
                 calls.append(self._queue.get())
             for call, args in [*calls, (self._drained, ())]:

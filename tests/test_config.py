@@ -168,3 +168,17 @@ def test_the_writer_runs_calls_in_order_off_the_callers_thread_and_flush_raises_
         writer.flush()
     assert done[-2:] == [20, "sent"]  # a failed call does not stop the ones after it
     writer.flush()
+
+
+def test_the_writer_takes_its_queue_at_most_once_every_every_s() -> None:
+    import itertools
+    import time
+
+    from fisher_scale import tracking
+
+    sent: list[float] = []
+    writer = tracking.Writer(drained=lambda: sent.append(time.monotonic()), every_s=0.2)
+    for _ in range(3):
+        writer.submit(lambda: None)
+        writer.flush()
+    assert len(sent) == 3 and all(b - a >= 0.19 for a, b in itertools.pairwise(sent))

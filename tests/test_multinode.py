@@ -6,15 +6,34 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 from .test_tune import needs_data, study_tree
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def ray_address_file() -> Iterator[None]:
+    """``ray start --head`` and a local ``Cluster`` record their address in Ray's temp folder, where ``ray.init()``
+    without an address looks first: a head killed leaves it behind, and the later tests' local Ray would try to join
+    a dead cluster. Put it back as it was."""
+    from ray._private.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))
+    before = path.read_text() if path.exists() else None
+    yield
+    if before is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_text(before)
 
 
 @needs_data
@@ -69,3 +88,67 @@ def _steps(progress: Path) -> list[int]:
 
     with progress.open() as rows:
         return [int(float(row["step"])) for row in csv.DictReader(rows)]
+
+
+JOIN = """
+import sys
+import ray
+from fisher_scale.config import build_config
+from fisher_scale.config import ConfigError
+from fisher_scale.train.launcher import start_ray
+try:
+    start_ray(build_config({"distributed": {"address": sys.argv[1]}}))
+except ConfigError as error:
+    sys.exit(f"error: {error}")
+print(ray.cluster_resources()["CPU"])
+"""
+
+
+def test_a_driver_joins_a_cluster_with_token_authentication_through_distributed_address(tmp_path: Path) -> None:
+    """A cluster started with ``ray start --head`` and Ray's token authentication (``RAY_AUTH_MODE=token``, the
+    token in ``RAY_AUTH_TOKEN``, as the cluster README sets them up): a driver with the token joins it through
+    ``distributed.address`` and sees its resources; one with another token is refused with one line that names
+    what to set."""
+    import secrets
+
+    from fisher_scale.train.local import free_port
+
+    port = free_port()
+    token = secrets.token_hex(32)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    ray = str(Path(sys.executable).parent / "ray")
+    head = subprocess.Popen(
+        [
+            ray,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=3",
+            "--node-ip-address=127.0.0.1",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        joined = subprocess.run(
+            [sys.executable, "-c", JOIN, address], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert joined.returncode == 0, joined.stdout + joined.stderr
+        assert float(joined.stdout.split()[-1]) == 3.0
+        wrong = env | {"RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_gcs_server_port_wait_time_s": "1"}  # one try
+        refused = subprocess.run(
+            [sys.executable, "-c", JOIN, address], cwd=ROOT, env=wrong, capture_output=True, text=True, timeout=120
+        )
+        assert refused.returncode == 1
+        assert refused.stderr.strip().splitlines()[-1].startswith("error: distributed.address"), refused.stderr
+        assert "RAY_AUTH_TOKEN" in refused.stderr and token not in refused.stderr
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)  # the head's processes share its process group (SIGTERM: a 30 s wait)
+        head.wait(timeout=60)

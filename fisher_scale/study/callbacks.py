@@ -26,6 +26,9 @@ from fisher_scale.train.metrics import LOSS, STEP, UNCHANGING, report_outcome
 _TUNE_KEYS = {*AUTO_RESULT_KEYS, "trial_id", "done", "config", "checkpoint_dir_name", "should_checkpoint"}
 
 
+#: the driver writes MLflow at most this often (seconds): each trial's reports since then go in one request
+WRITE_EVERY_S = 1.0
+
 #: the trial config key naming the trial's study (its label) when one Tune experiment runs several
 STUDY_KEY = "study"
 #: the trial config key carrying the number of the Optuna trial that sampled it (set by the search), and the
@@ -98,9 +101,11 @@ class MlflowTrials(Callback):
         bases: dict[str, dict],
         kind: str = tracking.RUN_KINDS["tune"].child,
         scheduler: str | None = None,
+        write_every_s: float = WRITE_EVERY_S,
     ) -> None:
         self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
         self.study, self.bases, self.kind, self.scheduler = study, bases, kind, scheduler
+        self.write_every_s = write_every_s
         self._client: Any = None
         self._runs: dict[str, tracking.RunLog] = {}
         self._writer: tracking.Writer | None = None
@@ -111,7 +116,7 @@ class MlflowTrials(Callback):
     def _submit(self, call: Any, trial: Any, *args: Any) -> None:
         """Run ``call`` on the writer's thread with a copy of what it reads of the trial (Tune goes on changing it)."""
         if self._writer is None:
-            self._writer = tracking.Writer(drained=self._send)
+            self._writer = tracking.Writer(drained=self._send, every_s=self.write_every_s)
         seen = SimpleNamespace(
             trial_id=trial.trial_id,
             config=dict(trial.config),

@@ -183,12 +183,34 @@ def start_ray(cfg: ExperimentConfig, *, log_to_driver: bool = True) -> None:
         # no node of a one-machine cluster is drained or preempted: Ray Train's watcher for that only logs a
         # core-worker error line as the controller creates it
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ray.init(address=cfg.distributed.address, log_to_driver=log_to_driver, configure_logging=False)
+    try:
+        ray.init(address=cfg.distributed.address, log_to_driver=log_to_driver, configure_logging=False)
+    except (ConnectionError, RuntimeError) as error:
+        if local:
+            raise
+        raise ConfigError(join_failure(cfg.distributed.address, error)) from None
     if local:  # this process started the instance: it goes with this process, even when killed
         from fisher_scale.train.reaper import reap_with_this_process
 
         reap_with_this_process()
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
+def join_failure(address: str | None, error: BaseException) -> str:
+    """Why this driver could not join the cluster at ``distributed.address`` (else ``$RAY_ADDRESS``), and what to
+    change: a refused token (Ray's token authentication) names the variables Ray reads it from."""
+    key, where = ("distributed.address", address) if address else ("$RAY_ADDRESS", os.environ.get("RAY_ADDRESS"))
+    chain, cause = [], error
+    while cause is not None:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any("InvalidAuthToken" in str(e) or type(e).__name__ == "AuthenticationError" for e in chain):
+        return (
+            f"{key}: the Ray cluster at {where} refused this driver's authentication token: set RAY_AUTH_TOKEN (or "
+            "RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token) to the cluster's token (`ray get-auth-token` on its head) "
+            "and RAY_AUTH_MODE=token"
+        )
+    return f"{key}: cannot join the Ray cluster at {where}: {last_line(error)}"
 
 
 def local_resources(cfg: ExperimentConfig) -> dict[str, float] | None:
