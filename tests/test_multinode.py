@@ -38,13 +38,13 @@ def ray_address_file() -> Iterator[None]:
 
 @needs_data
 def test_a_study_spreads_over_nodes_and_survives_losing_one(tmp_path: Path) -> None:
-    """Two trials at a time on three 1-CPU nodes; the node of a checkpointed trial's worker is removed without warning.
-    The trial fails, Tune restarts it (``tune.max_failures``) on a node still there, and its Ray Train run resumes
+    """Two trials at once on three 1-CPU nodes; the node of a checkpointed trial's worker is removed without warning.
+    The trial fails, Tune restarts it (``tune.max_failures``) on the node left free, and its Ray Train run resumes
     from the checkpoint on the shared storage: the study finishes with every trial once in Tune, Optuna and MLflow,
     each step logged once."""
     import optuna
 
-    tree = study_tree(tmp_path, num_samples=3, max_concurrent=2, max_failures=1)
+    tree = study_tree(tmp_path, num_samples=2, max_concurrent=2, max_failures=1)
     tree["tune"]["metric"] = "train/loss"
     tree["eval"]["every"] = 0
     (tmp_path / "tree.json").write_text(json.dumps(tree))
@@ -69,13 +69,13 @@ def test_a_study_spreads_over_nodes_and_survives_losing_one(tmp_path: Path) -> N
     client = MlflowClient(tree["tracking"]["uri"])
     experiment = client.get_experiment_by_name(tree["name"])
     children = client.search_runs([experiment.experiment_id], filter_string="tags.`fisher_scale.kind` = 'trial'")
-    assert len(children) == 3 and len({c.data.tags["ray_trial_id"] for c in children}) == 3
+    assert len(children) == 2 and len({c.data.tags["ray_trial_id"] for c in children}) == 2
     assert all(c.info.status == "FINISHED" for c in children)
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
         assert sorted(steps) == list(range(2, 13, 2)), steps  # once each, the restarted trial's too
     study = optuna.load_study(study_name=f"{seen['study']}/adamw", storage=tree["tune"]["storage"])
-    assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
+    assert len(study.trials) == 2 and all(t.state.name == "COMPLETE" for t in study.trials)
     # the restarted trial went on from its checkpoint, not from its start: Tune saw a checkpoint's step twice
     progress = (tmp_path / "ray" / seen["study"] / "studies").glob(f"*{trial}*/progress.csv")
     (steps,) = [_steps(path) for path in progress]
