@@ -200,16 +200,15 @@ def join_failure(address: str | None, error: BaseException) -> str:
     """Why this driver could not join the cluster at ``distributed.address`` (else ``$RAY_ADDRESS``), and what to
     change: a refused token (Ray's token authentication) names the variables Ray reads it from."""
     key, where = ("distributed.address", address) if address else ("$RAY_ADDRESS", os.environ.get("RAY_ADDRESS"))
-    chain, cause = [], error
-    while cause is not None:
-        chain.append(cause)
+    cause: BaseException | None = error
+    while cause is not None:  # Ray wraps the refusal in the error it raises
+        if "InvalidAuthToken" in str(cause) or type(cause).__name__ == "AuthenticationError":
+            return (
+                f"{key}: the Ray cluster at {where} refused this driver's authentication token: set RAY_AUTH_TOKEN "
+                "(or RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token) to the cluster's token (`ray get-auth-token` on its "
+                "head) and RAY_AUTH_MODE=token"
+            )
         cause = cause.__cause__ or cause.__context__
-    if any("InvalidAuthToken" in str(e) or type(e).__name__ == "AuthenticationError" for e in chain):
-        return (
-            f"{key}: the Ray cluster at {where} refused this driver's authentication token: set RAY_AUTH_TOKEN (or "
-            "RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token) to the cluster's token (`ray get-auth-token` on its head) "
-            "and RAY_AUTH_MODE=token"
-        )
     return f"{key}: cannot join the Ray cluster at {where}: {last_line(error)}"
 
 
