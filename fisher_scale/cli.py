@@ -14,7 +14,7 @@ import rich
 from rich.console import Console
 from rich.table import Table
 
-from fisher_scale.errors import EXIT_INTERRUPTED, FisherScaleError, exit_code
+from fisher_scale.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, FisherScaleError, exit_code
 from fisher_scale.train.quiet import quiet_driver
 
 #: columns of the output when it is not a terminal (the tables of a study are wider than 80)
@@ -233,6 +233,33 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace, console: Console) -> int:
+    from fisher_scale.config import load_config
+    from fisher_scale.plan.check import setting
+    from fisher_scale.plan.table import points_table, terms_table
+    from fisher_scale.scale.grid import grid_points, point_config
+
+    cfg = load_config(args.config, args.set)
+    table, fits = terms_table(f"{cfg.name}: memory plan per rank\n{setting(cfg)}", cfg)
+    console.print(table)
+    if cfg.scale.grid:
+        points = [(point.label(), point_config(cfg, point)) for point in grid_points(cfg)]
+        grid, grid_fits = points_table(f"{cfg.name}: scale.grid, per rank", points)
+        console.print(grid)
+        fits &= grid_fits
+    return 0 if fits else EXIT_BAD_INPUT
+
+
+def _memory_check_flag(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--no-memory-check",
+        dest="set",
+        action="append_const",
+        const="distributed.memory_check=false",
+        help="run even when the memory plan says a worker will not fit (fisher-scale plan)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fisher-scale", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -246,7 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set optimizer.damping=1e-3 (repeatable)",
     )
+    _memory_check_flag(train)
     train.set_defaults(run=_train)
+
+    plan = commands.add_parser("plan", help="per-rank memory plan of a config (and of each scale.grid point)")
+    plan.add_argument("config", type=Path, help="experiment YAML")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    plan.set_defaults(run=_plan)
 
     study = commands.add_parser("tune", help="a hyperparameter study: Ray Tune + Optuna, tracked in MLflow")
     study.add_argument("config", type=Path, help="experiment YAML with a tune section (tune_configs/demo.yaml)")
@@ -260,12 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument(
         "--resume", action="store_true", help="continue the newest unfinished study of this config's name"
     )
+    _memory_check_flag(study)
     study.set_defaults(run=_tune)
 
     scale = commands.add_parser("scale", help="a scaling study: one training run per grid point, fits and plots")
     scale.add_argument("config", type=Path, help="experiment YAML with a scale section (tune_configs/scale_demo.yaml)")
     scale.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     scale.add_argument("--resume", action="store_true", help="continue the newest unfinished study of this name")
+    _memory_check_flag(scale)
     scale.set_defaults(run=_scale)
 
     for name, run, purpose in (

@@ -161,6 +161,13 @@ class DistributedConfig(Section):
     max_failures: int = Field(0, ge=0, description="Ray FailureConfig: worker failures to recover from")
     storage_path: str | None = Field(None, description="Ray storage (local dir, s3://, NFS); default ~/ray_results")
     address: str | None = Field(None, description="Ray cluster address; default: start or join a local one")
+    device_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="memory of one worker's device the memory plan checks against; default: the GPU of this "
+        "machine (GPU runs), or its memory shared by the workers (local CPU runs)",
+    )
+    memory_check: bool = Field(True, description="refuse a run whose memory plan does not fit (fisher-scale plan)")
 
 
 class EvalConfig(Section):

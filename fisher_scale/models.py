@@ -343,15 +343,17 @@ def _unmapped_host_frees(threshold: int = 2**20) -> Iterator[None]:
         mallopt(_M_MMAP_THRESHOLD, _GLIBC_MAX_MMAP_THRESHOLD)
 
 
-def model_skeleton(name: str, task: Literal["causal_lm", "classification"] = "causal_lm") -> nn.Module:
+def model_skeleton(
+    name: str, task: Literal["causal_lm", "classification"] = "causal_lm", num_labels: int = 2
+) -> nn.Module:
     """The model's modules on the meta device, with no weights read: a built-in one from its own config, a
     pretrained one from its config file alone (fetched from the hub if it is not local)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     with torch.device("meta"):
         if preset(name) is not None or name in ("tiny-qwen2.5", "tiny-encoder"):
-            return load_model(name, task, num_labels=2)
-        config = AutoConfig.from_pretrained(_pretrained_source(name), num_labels=2)
+            return load_model(name, task, num_labels=num_labels)
+        config = AutoConfig.from_pretrained(_pretrained_source(name), num_labels=num_labels)
         return (AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification).from_config(config)
 
 

@@ -13,7 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fisher_scale.config import build_config, with_values
+from fisher_scale.plan import plan_memory
 from fisher_scale.train.local import run_jobs
+from fisher_scale.train.metrics import STATE_BYTES
 
 from . import plants
 
@@ -123,6 +126,19 @@ def test_two_ranks_equal_one_rank_for_every_stage_optimizer_and_mask(tmp_path: P
         if config["mask"]["enabled"]:
             kept = sum(int(m.sum()) for m in load_file(str(tmp_path / name / "mask.safetensors")).values())
             assert kept == lora_entries // 4, name
+    # the memory plan's state terms against what the runs held: exact, but where a mask's kept entries split over
+    # two ranks by their scores (the plan assumes an even split)
+    planned, measured = {}, {}
+    for name, config, _ in references + distributed:
+        workers = 2 if (name, config, None) in distributed else 1  # run_jobs sets the world, not the config
+        plan = plan_memory(with_values(build_config(config), {"distributed.num_workers": workers}))
+        planned[name] = plan.held["optimizer state"] + plan.held["Fisher factors"]
+        measured[name] = torch.load(tmp_path / f"{name}-reports.pt", weights_only=False)[-1][STATE_BYTES]
+    two_ranks = {n for n, _, _ in distributed}
+    exact = {n for n, c, _ in references + distributed if not (c["mask"]["enabled"] and n in two_ranks)}
+    assert {n: planned[n] for n in exact} == {n: measured[n] for n in exact}
+    split = {n: planned[n] / measured[n] for n in two_ranks - exact}
+    assert all(0.8 < ratio < 1.25 for ratio in split.values()), split
     # The same comparison catches an off-by-one partition map (used by the Fisher optimizers and the masks) at
     # every sharded stage, and an off-by-one split of the global batch over the ranks (AdamW needs no map).
     mapped = [f"{tag}-zero{s}" for tag in ("adafisher-mask0", "adafish-mask0", "adamw-mask1") for s in (1, 2, 3)]

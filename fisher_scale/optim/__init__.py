@@ -7,7 +7,8 @@ work in any training loop.
 from fisher_scale.optim.adafish import AdaFish, kronecker_direction
 from fisher_scale.optim.adafisher import AdaFisher, AdaFisherW, FisherOptimizer
 from fisher_scale.optim.layers import LayerRule, register_layer_rule
-from fisher_scale.optim.registry import OPTIMIZERS, build_optimizer, optimizer_state_bytes
+from fisher_scale.optim.layout import StateLayout
+from fisher_scale.optim.registry import OPTIMIZERS, build_optimizer, optimizer_state_bytes, state_layout
 
 __all__ = [
     "OPTIMIZERS",
@@ -16,8 +17,10 @@ __all__ = [
     "AdaFisherW",
     "FisherOptimizer",
     "LayerRule",
+    "StateLayout",
     "build_optimizer",
     "kronecker_direction",
     "optimizer_state_bytes",
     "register_layer_rule",
+    "state_layout",
 ]

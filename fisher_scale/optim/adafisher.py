@@ -22,6 +22,7 @@ from fisher_scale.hyperparameters import ADAMW_BETA2, AdaFisherHyperparameters
 from fisher_scale.optim.curvature import CurvatureTracker, LayerCurvature
 from fisher_scale.optim.distributor import Distributor
 from fisher_scale.optim.layers import ParamSlot
+from fisher_scale.optim.layout import StateLayout
 from fisher_scale.optim.pieces import Piece
 
 
@@ -203,6 +204,18 @@ class FisherOptimizer(torch.optim.Optimizer):
         theta.mul_(1 - lr * group["weight_decay"])
         denom = (v / (1 - beta2**step)).sqrt_().add_(group["eps"])
         theta.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
+
+    def state_layout(self, model: nn.Module) -> StateLayout:
+        """Momentum per element, the factors whole on every rank, and AdamW's second moment where a parameter
+        falls back to AdamW (a tensor holding any such part keeps it for all its elements)."""
+        falls_back = self.fallback == "adamw"
+        fallback = frozenset(n for n, p in model.named_parameters() if p.requires_grad and p not in self._layer_of)
+        return StateLayout(
+            per_element=4,
+            replicated=self.curvature.planned_bytes(),
+            fallback=fallback if falls_back else frozenset(),
+            fallback_per_element=4 * falls_back,
+        )
 
     def curvature_contrast(self) -> dict[str, float]:
         """Per layer ``(max F̃ - min F̃) / min F̃`` (ALGORITHMS.md §1.5), for logging.

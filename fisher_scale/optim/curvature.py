@@ -148,6 +148,17 @@ class CurvatureTracker:
             self._by_module[layer] = state
             self._handles.append(layer.register_forward_hook(self._on_forward))
 
+    def planned_bytes(self) -> int:
+        """Bytes of the factors once every layer has had a statistic (a memory plan's Fisher term): per side an
+        fp32 vector, or an fp64 matrix and, with the convex EMA, its fp64 eigendecomposition."""
+        total = 0
+        for state in self.layers.values():
+            sides = zip((state.full_in, state.full_out), state.rule.factor_lengths(state.layer), strict=True)
+            for full, d in sides:
+                eigen = 8 * d * d + 8 * d if self.ema_mode == "convex" else 0
+                total += 8 * d * d + eigen if full else 4 * d
+        return total
+
     def remove_hooks(self) -> None:
         """Detach from the model (e.g. before building another optimizer on it)."""
         for handle in self._handles:

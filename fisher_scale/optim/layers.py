@@ -97,6 +97,11 @@ class LayerRule:
     def output_stat(self, layer: nn.Module, s: Tensor, full: bool) -> Stat:
         raise NotImplementedError
 
+    def factor_lengths(self, layer: nn.Module) -> tuple[int, int]:
+        """Lengths of the input and output factors (H, S), for a memory plan: a matrix layer's [W | b] sides."""
+        shape = full_shape(layer.weight)
+        return math.prod(shape[1:]) + (getattr(layer, "bias", None) is not None), shape[0]
+
 
 def _trainable_slots(layer: nn.Module, prefix: str, roles: dict[str, str]) -> list[ParamSlot]:
     slots = []
@@ -158,6 +163,9 @@ class EmbeddingRule(LinearRule):
     def slots(self, layer: nn.Module, prefix: str) -> list[ParamSlot]:
         return _trainable_slots(layer, prefix, {"weight": "embedding"})
 
+    def factor_lengths(self, layer: nn.Module) -> tuple[int, int]:
+        return layer.num_embeddings, layer.embedding_dim
+
     def input_stat(self, layer: nn.Module, h: Tensor, full: bool) -> Stat:
         assert isinstance(layer, nn.Embedding)
         counts = torch.bincount(h.reshape(-1), minlength=layer.num_embeddings).float()
@@ -188,6 +196,9 @@ class NormRule(LayerRule):
         norm = math.prod(h.shape[d] for d in reduced if d != 0)
         v = h.sum(dim=reduced) / norm**2
         return torch.stack([v.square().sum(), v.new_tensor(float(v.numel()))]) / batch, float(batch)
+
+    def factor_lengths(self, layer: nn.Module) -> tuple[int, int]:
+        return 2, full_shape(layer.weight)[0]
 
     def output_stat(self, layer: nn.Module, s: Tensor, full: bool) -> Stat:
         s = s.float()

@@ -8,6 +8,7 @@ from torch import nn
 from fisher_scale.hyperparameters import ADAMW_BETA2, hyperparameters_of
 from fisher_scale.optim.adafish import AdaFish
 from fisher_scale.optim.adafisher import AdaFisher, AdaFisherW, FisherOptimizer, trainable_parameters
+from fisher_scale.optim.layout import StateLayout
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW,
@@ -31,6 +32,15 @@ def build_optimizer(name: str, model: nn.Module, **hyperparameters: object) -> t
         eps=settings.eps,
         weight_decay=settings.weight_decay,
     )
+
+
+def state_layout(optimizer: torch.optim.Optimizer, model: nn.Module) -> StateLayout:
+    """The layout of ``optimizer`` built over ``model`` (a meta-device skeleton will do: nothing is allocated)."""
+    if isinstance(optimizer, FisherOptimizer):
+        return optimizer.state_layout(model)
+    if isinstance(optimizer, torch.optim.AdamW):
+        return StateLayout(per_element=8, per_tensor=4)  # exp_avg, exp_avg_sq; step is an fp32 scalar tensor
+    raise TypeError(f"no state layout for {type(optimizer).__name__}")
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 
 from fisher_scale import tracking
 from fisher_scale.config import ConfigError, ExperimentConfig, searchable_keys, with_values
+from fisher_scale.plan.check import check_memory
 from fisher_scale.scale.analysis import Fit, PointResult, describe, fit_exponents, plot_scaling, summarize
 from fisher_scale.study.experiment import StudyState, finish_study, fit_tuner, make_tuner, open_study, start_cluster
 from fisher_scale.train.launcher import check_resources, local_resources
@@ -119,6 +120,7 @@ def run_scale(
         local = local_resources(cfg)
         if local is not None:
             check_fit(points, local)
+        check_memory((point.label(), point_cfg) for point, point_cfg in points)
         return []  # resources are checked per point, so that every offending point is listed
 
     cfg, state, root = open_study(cfg, kind="scale", resume=resume, check=check, on_start=on_start)

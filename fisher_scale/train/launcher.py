@@ -19,6 +19,7 @@ from typing import Any
 from fisher_scale import tracking
 from fisher_scale.config import ConfigError, ExperimentConfig
 from fisher_scale.errors import FisherScaleError, InputError, RunFailed
+from fisher_scale.plan.check import check_memory
 from fisher_scale.train import metrics as metric
 
 
@@ -353,6 +354,7 @@ def run_training(
             raise ConfigError(f"train.resume_from: {error}") from None
     check_local_resources(cfg)
     check_model(cfg)
+    check_memory([("", cfg)])
     start_ray(cfg)
     check_resources(cfg, ray.cluster_resources())
     history = Path(cfg.train.output_dir) / "metrics.jsonl"

@@ -20,6 +20,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -136,10 +137,29 @@ class StepProfiler:
         return metrics
 
 
-def peak_memory_bytes(cuda: bool) -> int:
-    """This process's peak memory: CUDA allocations on GPUs, else the resident set's high-water mark."""
-    if cuda:
-        return int(torch.cuda.max_memory_allocated())
-    import resource
+class PeakMemory:
+    """This rank's peak memory since the run began (the measure a memory plan is checked against): on GPUs the
+    CUDA allocator's peak, on the host the growth of the resident set to its high-water mark, both reset when the
+    run begins, so a process's earlier runs and the libraries it loaded before do not count."""
 
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.start = 0
+            return
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: the high-water mark starts again from here
+        self.start = self._resident("VmRSS")
+
+    def bytes(self) -> int:
+        if self.cuda:
+            return int(torch.cuda.max_memory_allocated())
+        return self._resident("VmHWM") - self.start
+
+    @staticmethod
+    def _resident(field: str) -> int:
+        """A /proc/self/status figure (kB) in bytes."""
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"/proc/self/status has no {field} line")

@@ -30,7 +30,7 @@ from fisher_scale.train.card import write_model_card
 from fisher_scale.train.dataset import TrainingSet, scoring_share
 from fisher_scale.train.engine import deepspeed_config, init_distributed
 from fisher_scale.train.guard import NonFiniteGuard
-from fisher_scale.train.profile import StepProfiler, peak_memory_bytes
+from fisher_scale.train.profile import PeakMemory, StepProfiler
 from fisher_scale.train.quiet import quiet_worker
 from fisher_scale.train.schedule import learning_rate
 from fisher_scale.train.system import NodeMonitor
@@ -94,6 +94,8 @@ class Run:
         self.profiler.install()
         torch.manual_seed(cfg.seed)
         self.data = TrainingSet(cfg)
+        # from here: the model, engine, optimizer and steps (the tokenised data and the libraries are not counted)
+        self.peak_memory = PeakMemory(cfg.distributed.use_gpu)
         ds_config = deepspeed_config(cfg, world)
         self.model = build_model(cfg, self.data.num_labels, ds_config if cfg.distributed.zero_stage == 3 else None)
         self.start_step = 0
@@ -228,7 +230,7 @@ class Run:
         metrics[metric.SKIPPED_STEPS] = self.history["skipped_steps"] + self.guard.skipped
         metrics[metric.TRAIN_TIME] = self.history["train_time_s"]
         metrics.update(self.profiler.take())
-        (peak,) = all_reduce_numbers(peak_memory_bytes(self.cfg.distributed.use_gpu), op="max")
+        (peak,) = all_reduce_numbers(self.peak_memory.bytes(), op="max")
         metrics[metric.PEAK_MEMORY] = int(peak)
         metrics[metric.PARAMETERS] = self.parameters
         metrics[metric.EVAL_TIME] = self.history["eval_time_s"]

@@ -179,13 +179,17 @@ def optuna_distributions(space: dict[str, Dimension]) -> dict[str, Any]:
     return distributions
 
 
+#: searched keys whose values change what a trial needs (workers, memory): their edges are checked before Ray starts
+RESOURCE_KEYS = ("distributed.", "data.batch_size", "data.max_length", "peft.rank", "model.")
+
+
 def resource_configs(studies: dict[str, tuple[ExperimentConfig, dict[str, Dimension]]]) -> list[ExperimentConfig]:
-    """The configs whose resources must fit: each study's base, and its searched ``distributed.*`` values
-    at the edges of their ranges (a trial that cannot fit would wait for workers forever)."""
+    """The configs whose resources must fit: each study's base, and its searched values of :data:`RESOURCE_KEYS`
+    at the edges of their ranges (a trial that cannot fit would wait for workers forever, or run out of memory)."""
     configs = []
     for base, space in studies.values():
         configs.append(base)
         for key, dimension in space.items():
-            if key.startswith("distributed."):
+            if key.startswith(RESOURCE_KEYS):
                 configs += [with_values(base, {key: value}) for value in dimension.edges()]
     return configs

@@ -1,0 +1,72 @@
+"""``fisher-scale plan``'s output: a config's terms, or one row per point of its ``scale.grid``."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from fisher_scale.config import ExperimentConfig
+from fisher_scale.plan.check import device_memory, facts_of, fits, largest_batch
+from fisher_scale.plan.memory import MemoryPlan, plan_memory
+
+
+def size(n: float) -> str:
+    """Bytes as people read them: KiB, MiB or GiB, three significant digits."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+#: short column names of the held terms
+COLUMNS = {"fp32 master weights": "fp32 master", "optimizer state": "opt. state", "Fisher factors": "Fisher"}
+
+
+def verdict(cfg: ExperimentConfig, plan: MemoryPlan) -> tuple[bool | None, str, int | None]:
+    """Whether the plan fits the device (None: memory unknown), the device, and the largest batch that fits."""
+    memory = device_memory(cfg)
+    if memory is None:
+        return None, "device memory unknown: set distributed.device_memory_gib", None
+    return fits(plan, memory[0]), f"{size(memory[0])} ({memory[1]})", largest_batch(cfg, memory[0])
+
+
+def _fits(ok: bool | None) -> str:
+    return "?" if ok is None else "yes" if ok else "[red]no"
+
+
+def terms_table(title: str, cfg: ExperimentConfig) -> tuple[Table, bool]:
+    """One config: what is held for the whole run, each phase's working set, the peak and the verdict."""
+    plan = plan_memory(cfg, facts_of(cfg))
+    table = Table(title=title)
+    table.add_column("per rank")
+    table.add_column("bytes", justify="right")
+    for name, value in plan.held.items():
+        table.add_row(name, size(value))
+    for name, value in plan.phases.items():
+        table.add_row(f"+ {name}" + (" (peak)" if name == plan.peak_phase else ""), size(value))
+    table.add_row("[bold]peak", f"[bold]{size(plan.peak)}")
+    ok, device, batch = verdict(cfg, plan)
+    table.add_row("device", device)
+    table.add_row("fits", _fits(ok))
+    if batch is not None:
+        table.add_row("largest data.batch_size", str(batch))
+    table.caption = "; ".join(plan.notes) or None
+    return table, ok is not False
+
+
+def points_table(title: str, points: list[tuple[str, ExperimentConfig]]) -> tuple[Table, bool]:
+    """One row per grid point: the held terms, the peak phase's working set, the peak and the verdict."""
+    table = Table(title=title)
+    plans = [(label, cfg, plan_memory(cfg, facts_of(cfg))) for label, cfg in points]
+    held = list(plans[0][2].held)
+    for column in ("point", *(COLUMNS.get(h, h) for h in held), "working set", "peak", "fits", "largest batch"):
+        table.add_column(column, justify="left" if column == "point" else "right")
+    all_fit, devices = True, set()
+    for label, cfg, plan in plans:
+        ok, device, batch = verdict(cfg, plan)
+        all_fit &= ok is not False
+        devices.add(device)
+        working = f"{size(plan.phases[plan.peak_phase])} ({plan.peak_phase})"
+        row = (label, *(size(plan.held[h]) for h in held), working, size(plan.peak), _fits(ok), str(batch or "-"))
+        table.add_row(*row)
+    table.caption = "device: " + ", ".join(sorted(devices))
+    return table, all_fit

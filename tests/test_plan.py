@@ -1,0 +1,150 @@
+"""The memory plan: its activation terms against the bytes autograd saves, its state terms against the optimizers'
+own state, the largest batch against a search of every batch, and the check that refuses a run before Ray starts.
+(The ZeRO state terms are checked against measured runs in test_distributed.py, the peak in bench/memory_plan.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fisher_scale.cli import main
+from fisher_scale.config import ConfigError, build_config, with_values
+from fisher_scale.models import Lora, apply_lora, load_model
+from fisher_scale.optim import build_optimizer, optimizer_state_bytes, state_layout
+from fisher_scale.plan import plan_memory
+from fisher_scale.plan.activations import DecoderShape, Training, decoder_model
+from fisher_scale.plan.check import USABLE, check_memory, facts_of, largest_batch
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+EVERY_LINEAR = (*ATTENTION, "gate_proj", "up_proj", "down_proj")
+
+
+def saved_bytes(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one forward (the weights left out)."""
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in weights:
+            saved[storage._cdata] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, attention_mask=attention, labels=ids)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize(
+    ("dtype", "targets", "padded"),
+    [
+        (torch.float32, ATTENTION, False),
+        (torch.bfloat16, ATTENTION, False),
+        (torch.float32, EVERY_LINEAR, True),
+        (torch.bfloat16, EVERY_LINEAR, True),
+        (torch.float32, ("v_proj",), False),
+        (torch.float32, ("down_proj",), True),
+        (torch.float32, None, False),  # full fine-tuning
+        (torch.bfloat16, None, True),
+    ],
+)
+def test_activation_terms_equal_the_bytes_autograd_saves(
+    dtype: torch.dtype, targets: tuple[str, ...] | None, padded: bool
+) -> None:
+    model = load_model("tiny-x2", dtype=dtype)
+    if targets is not None:
+        # DeepSpeed casts a bf16 run's adapters to bf16 with the rest (PEFT alone keeps them in fp32)
+        model = apply_lora(model, Lora(8, 16, 0.0, targets)).to(dtype)
+    batch, tokens = (1, 40) if padded else (3, 48)
+    ids = torch.randint(0, 384, (batch, tokens))
+    attention = torch.ones_like(ids)
+    if padded:
+        attention[0, tokens // 2 :] = 0  # one sequence: also its labels' shift, a view
+    training = Training(frozenset(targets or ()), 8, 0.0, full=targets is None)
+    planned = decoder_model(
+        DecoderShape.of(model.config), dtype.itemsize, training, batch=batch, tokens=tokens, padded=padded
+    )
+    assert saved_bytes(model, ids, attention) == planned
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafisher", "adafish"])
+def test_state_layout_gives_the_optimizers_state_after_a_step(name: str) -> None:
+    """Moments per element, AdamW's step counters per tensor and the Fisher factors (AdaFish's full r × r sides
+    and their eigenbases included) add up to what the optimizer holds after a real step."""
+    model = apply_lora(load_model("tiny-x2"), Lora(8, 16, 0.0, EVERY_LINEAR))
+    optimizer = build_optimizer(name, model, lr=1e-3)
+    layout = state_layout(optimizer, model)
+    ids = torch.randint(0, 384, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    planned = sum(layout.per_element * p.numel() + layout.per_tensor for p in trained) + layout.replicated
+    assert planned == optimizer_state_bytes(optimizer)
+    assert (layout.replicated > 0) == (name != "adamw")
+
+
+def config(**values: object) -> object:
+    tree = {
+        "model": {"name": "tiny-x2"},
+        "data": {"dataset": "gsm8k", "max_length": 128, "batch_size": 4},
+        "eval": {"enabled": False},
+    }
+    return with_values(build_config(tree), values)
+
+
+def test_largest_batch_is_the_largest_batch_that_fits() -> None:
+    cfg = config()
+    facts = facts_of(cfg)
+    peaks = {b: plan_memory(with_values(cfg, {"data.batch_size": b}), facts).peak for b in range(1, 65)}
+    assert all(peaks[b] < peaks[b + 1] for b in range(1, 64))  # activations grow with the batch
+    memory = int(peaks[37] / USABLE) + 1  # room for 37, not for 38
+    assert largest_batch(cfg, memory) == 37
+    assert largest_batch(cfg, int(peaks[1] / USABLE) - 1) == 0
+
+
+def test_check_refuses_what_does_not_fit_naming_the_keys_and_passes_when_skipped() -> None:
+    cfg = config(**{"distributed.device_memory_gib": 0.01})
+    with pytest.raises(ConfigError) as refused:
+        check_memory([("point a", cfg), ("point b", with_values(cfg, {"data.batch_size": 1}))])
+    message = str(refused.value)
+    assert message.count("point a: the memory plan needs") == 1
+    assert "point b" not in message  # batch 1 fits 10 MiB
+    assert "data.batch_size ≤ 1" in message and "model.activation_checkpointing: true" in message
+    assert "distributed.zero_stage" in message
+    check_memory([("", with_values(cfg, {"distributed.memory_check": False}))])
+    check_memory([("", config(**{"distributed.device_memory_gib": 1.0}))])
+
+
+def test_plan_command_prints_the_terms_and_exits_2_when_a_grid_point_does_not_fit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "grid.yaml"
+    path.write_text(
+        "model: {name: tiny}\ndata: {dataset: gsm8k, max_length: 128, batch_size: 4}\n"
+        "distributed: {device_memory_gib: 0.05}\n"
+        "scale: {grid: {model.name: [tiny, tiny-x4], optimizer.name: [adamw, adafish]}}\n"
+    )
+    assert main(["plan", str(path)]) == 2
+    out = capsys.readouterr().out
+    assert "optimizer state" in out and "Fisher factors" in out and "peak" in out
+    assert "model.name=tiny-x4" in out and "no" in out
+    assert main(["plan", str(path), "--set", "scale.grid={}", "--set", "model.name=tiny"]) == 0
+
+
+def test_train_is_refused_before_ray_starts_or_anything_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fisher_scale.train import launcher
+
+    def no_ray(*_: object, **__: object) -> None:
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(launcher, "start_ray", no_ray)
+    out = tmp_path / "run"
+    cfg = config(**{"distributed.device_memory_gib": 0.001, "train.output_dir": str(out)})
+    cfg = with_values(cfg, {"tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    with pytest.raises(ConfigError, match="memory plan needs"):
+        launcher.run_training(cfg)
+    assert sorted(tmp_path.iterdir()) == []
