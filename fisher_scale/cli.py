@@ -243,7 +243,7 @@ def _plan(args: argparse.Namespace, console: Console) -> int:
     table, fits = terms_table(f"{cfg.name}: memory plan per rank\n{setting(cfg)}", cfg)
     console.print(table)
     if cfg.scale.grid:
-        points = [(point.label(), point_config(cfg, point)) for point in grid_points(cfg)]
+        points = [(point.grid, point_config(cfg, point)) for point in grid_points(cfg)]
         grid, grid_fits = points_table(f"{cfg.name}: scale.grid, per rank", points)
         console.print(grid)
         fits &= grid_fits

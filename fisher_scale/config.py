@@ -85,6 +85,9 @@ class MaskConfig(Section):
         "fisher", description="which entries: highest Fisher scores, seeded random (seed), or lowest scores"
     )
     samples: int = Field(1024, ge=1, description="examples scored (batch-size-1 semantics)")
+    batch_size: int | None = Field(
+        None, ge=1, description="examples per scoring batch (per-example gradients of each); default: eval.batch_size"
+    )
     variant: Literal["empirical", "expect"] = "empirical"
     warmup_steps: int = Field(0, ge=0, description="dense steps before the mask is computed")
     refresh_every: int = Field(0, ge=0, description="recompute every N steps after the first mask (0 = never)")

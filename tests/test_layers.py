@@ -24,6 +24,7 @@ LAYERS = {
     "eval": 2,
     "tracking": 3,
     "tasks": 3,
+    "plan": 4,
     "train": 4,
     "study": 5,
     "tune": 6,
@@ -31,13 +32,15 @@ LAYERS = {
     "cli": 7,
 }
 #: imports within one layer that the design has: masks select through optim's sharding seam, eval reads data's
-#: formats, the config is built from the hyperparameters, and both raise the package's errors
+#: formats, the config is built from the hyperparameters, and both raise the package's errors; a training run
+#: checks its memory plan before Ray starts
 PEERS = {
     ("masks", "optim"),
     ("eval", "data"),
     ("config", "hyperparameters"),
     ("config", "errors"),
     ("hyperparameters", "errors"),
+    ("train", "plan"),
 }
 
 

@@ -69,6 +69,29 @@ def test_activation_terms_equal_the_bytes_autograd_saves(
     assert saved_bytes(model, ids, attention) == planned
 
 
+def test_classifier_activation_terms_equal_the_bytes_autograd_saves() -> None:
+    """A decoder classifier pools one token per sequence: no vocabulary-wide log-softmax, and its trained head
+    (PEFT's modules_to_save) keeps its input."""
+    model = apply_lora(
+        load_model("tiny-x2", task="classification", num_labels=3), Lora(8, 16, 0.0, ATTENTION), task="classification"
+    )
+    batch, tokens = 3, 40
+    ids = torch.randint(1, 384, (batch, tokens))
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage()._cdata not in weights:
+            saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 2, 1]))
+    shape = DecoderShape.of(model.config, causal=False)
+    training = Training(frozenset(ATTENTION), 8, 0.0)
+    assert sum(saved.values()) == decoder_model(shape, 4, training, batch=batch, tokens=tokens, padded=False)
+
+
 @pytest.mark.parametrize("name", ["adamw", "adafisher", "adafish"])
 def test_state_layout_gives_the_optimizers_state_after_a_step(name: str) -> None:
     """Moments per element, AdamW's step counters per tensor and the Fisher factors (AdaFish's full r × r sides
@@ -129,7 +152,7 @@ def test_plan_command_prints_the_terms_and_exits_2_when_a_grid_point_does_not_fi
     assert main(["plan", str(path)]) == 2
     out = capsys.readouterr().out
     assert "optimizer state" in out and "Fisher factors" in out and "peak" in out
-    assert "model.name=tiny-x4" in out and "no" in out
+    assert "tiny-x4" in out and " no " in out and " yes " in out
     assert main(["plan", str(path), "--set", "scale.grid={}", "--set", "model.name=tiny"]) == 0
 
 
@@ -148,3 +171,17 @@ def test_train_is_refused_before_ray_starts_or_anything_is_written(
     with pytest.raises(ConfigError, match="memory plan needs"):
         launcher.run_training(cfg)
     assert sorted(tmp_path.iterdir()) == []
+
+
+def test_mask_scoring_batches_are_mask_batch_size_and_the_plan_grows_with_them() -> None:
+    from fisher_scale.data import default_data_dir
+    from fisher_scale.train.dataset import TrainingSet
+
+    source = str(default_data_dir() / "gsm8k")
+    settings = {"mask.enabled": True, "mask.samples": 10, "eval.batch_size": 8, "data.max_train_examples": 16}
+    cfg = config(**settings, **{"data.source": source})
+    data = TrainingSet(cfg)
+    assert [len(b["input_ids"]) for b in data.scoring_batches(range(10))] == [8, 2]  # eval.batch_size by default
+    smaller = with_values(cfg, {"mask.batch_size": 3})
+    assert [len(b["input_ids"]) for b in TrainingSet(smaller).scoring_batches(range(10))] == [3, 3, 3, 1]
+    assert plan_memory(smaller).phases["mask scoring"] < plan_memory(cfg).phases["mask scoring"]

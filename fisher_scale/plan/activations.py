@@ -23,7 +23,8 @@ FP32 = 4
 
 @dataclass(frozen=True)
 class DecoderShape:
-    """What the activation terms need of a decoder's config."""
+    """What the activation terms need of a decoder's config: its sizes, and its head's outputs (the vocabulary of
+    a causal LM, the labels of a sequence classifier, which pools one token per sequence)."""
 
     layers: int
     hidden: int
@@ -31,10 +32,11 @@ class DecoderShape:
     heads: int
     kv_heads: int
     head_dim: int
-    vocab: int
+    outputs: int
+    causal: bool = True
 
     @classmethod
-    def of(cls, config: Any) -> DecoderShape | None:
+    def of(cls, config: Any, causal: bool = True) -> DecoderShape | None:
         """The shape of a transformers config, or None for a model type these terms do not describe."""
         if getattr(config, "model_type", None) not in DECODER_TYPES:
             return None
@@ -46,7 +48,8 @@ class DecoderShape:
             heads=heads,
             kv_heads=getattr(config, "num_key_value_heads", None) or heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-            vocab=config.vocab_size,
+            outputs=config.vocab_size if causal else config.num_labels,
+            causal=causal,
         )
 
 
@@ -108,16 +111,24 @@ def decoder_layer(
 
 
 def _head(shape: DecoderShape, p: int, training: Training) -> int:
-    """Per token after the last layer: the final RMSNorm, the fp32 log-softmax of the loss's logits and, in full
-    training, the embedding's token ids and the trained output layer's input."""
-    return FP32 * shape.hidden + FP32 + FP32 * shape.vocab + (2 * p * shape.hidden + 8) * training.full
+    """Per token after the last layer: the final RMSNorm; a causal LM's fp32 log-softmax of its logits, a
+    classifier's trained head (PEFT's ``modules_to_save``) its input; in full training, the embedding's token ids
+    and the trained output layer's input."""
+    norm = FP32 * shape.hidden + FP32 + p * shape.hidden * training.full
+    if shape.causal:
+        return norm + FP32 * shape.outputs + (p * shape.hidden + 8) * training.full
+    return norm + p * shape.hidden + 8 * training.full
 
 
 def _fixed(shape: DecoderShape, p: int, *, batch: int, tokens: int) -> int:
-    """Saved once per batch: the rotary tables (per position, shared by the sequences and the layers), the int64
-    labels (shifted by padding one position) with the loss's fp32 scalar."""
-    labels = 8 * (batch * tokens + (batch == 1)) + FP32  # a single sequence's shift stays a view of the padded row
-    return 2 * shape.head_dim * p * tokens + labels
+    """Saved once per batch: the rotary tables (per position, shared by the sequences and the layers) and the
+    loss's own: a causal LM's int64 labels (shifted by padding one position; a single sequence's shift stays a
+    view of the padded row), a classifier's pooled positions, labels and log-softmax; and the fp32 loss."""
+    if shape.causal:
+        loss = 8 * (batch * tokens + (batch == 1))
+    else:
+        loss = batch * (3 * 8 + FP32 * shape.outputs)
+    return 2 * shape.head_dim * p * tokens + loss + FP32
 
 
 def decoder_model(
@@ -142,6 +153,6 @@ def checkpointed_model(
 
 
 def loss_working_set(shape: DecoderShape, p: int, *, batch: int, tokens: int) -> int:
-    """The loss's backward: the fp32 gradients into and out of the log-softmax, and the cast back to a
-    lower-precision logits gradient."""
-    return batch * tokens * shape.vocab * (2 * FP32 + (p if p != FP32 else 0))
+    """A causal LM's loss backward: the fp32 gradients into and out of the log-softmax over every token, and the
+    cast back to a lower-precision logits gradient (a classifier's pooled loss is a few bytes a sequence)."""
+    return batch * tokens * shape.outputs * (2 * FP32 + (p if p != FP32 else 0)) * shape.causal

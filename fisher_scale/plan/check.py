@@ -62,12 +62,17 @@ def fits(plan: MemoryPlan, memory: int) -> bool:
     return plan.peak <= USABLE * memory
 
 
-def largest_batch(cfg: ExperimentConfig, memory: int) -> int:
-    """The largest ``data.batch_size`` (up to :data:`MAX_BATCH`) whose plan fits ``memory``; 0 when none does."""
+#: the batch key each phase grows with; the others grow with neither
+BATCH_OF_PHASE = {"activations": "data.batch_size", "mask scoring": "mask.batch_size", "evaluation": "eval.batch_size"}
+
+
+def largest_batch(cfg: ExperimentConfig, memory: int, key: str = "data.batch_size") -> int:
+    """The largest value of ``key`` (a batch size, up to :data:`MAX_BATCH`) whose plan fits ``memory``; 0 when
+    none does."""
     facts = facts_of(cfg)
 
     def fitting(batch: int) -> bool:
-        return fits(plan_memory(with_values(cfg, {"data.batch_size": batch}), facts), memory)
+        return fits(plan_memory(with_values(cfg, {key: batch}), facts), memory)
 
     low, high = 0, 1
     while high <= MAX_BATCH and fitting(high):
@@ -82,16 +87,18 @@ def largest_batch(cfg: ExperimentConfig, memory: int) -> int:
 def refusal(cfg: ExperimentConfig, plan: MemoryPlan, memory: int, source: str) -> str:
     """Why ``cfg`` does not fit, and the keys that would make it fit."""
     changes = []
-    batch = largest_batch(cfg, memory)
+    key = BATCH_OF_PHASE.get(plan.peak_phase)
+    batch = largest_batch(cfg, memory, key) if key else 0
     if batch:
-        changes.append(f"data.batch_size ≤ {batch} (with data.gradient_accumulation_steps for the same global batch)")
-    if not cfg.model.activation_checkpointing:
+        accumulate = " (data.gradient_accumulation_steps keeps the global batch)" if key == "data.batch_size" else ""
+        changes.append(f"{key} ≤ {batch}{accumulate}")
+    if not cfg.model.activation_checkpointing and plan.peak_phase in ("activations", "mask scoring"):
         changes.append("model.activation_checkpointing: true")
     if cfg.distributed.zero_stage < 3:
         changes.append(f"distributed.zero_stage: {cfg.distributed.zero_stage + 1} or 3")
     changes.append("more distributed.num_workers")
     return (
-        f"the memory plan needs {plan.peak / GIB:.1f} GiB per rank (at the {plan.peak_phase}), more than "
+        f"the memory plan needs {plan.peak / GIB:.1f} GiB per rank (at its {plan.peak_phase}), more than "
         f"{USABLE:.0%} of {memory / GIB:.1f} GiB ({source}); set {'; or '.join(changes)}. "
         "`fisher-scale plan` shows the terms; --no-memory-check (distributed.memory_check: false) runs it anyway"
     )

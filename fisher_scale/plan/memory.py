@@ -11,11 +11,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fisher_scale.config import ExperimentConfig
-from fisher_scale.optim import StateLayout
-from fisher_scale.plan.activations import DecoderShape, Training, checkpointed_model, decoder_model, loss_working_set
+from fisher_scale.plan.activations import (
+    FP32,
+    DecoderShape,
+    Training,
+    checkpointed_model,
+    decoder_model,
+    loss_working_set,
+)
+
+if TYPE_CHECKING:  # the optimizers load torch: read-only commands import this module and must not
+    from fisher_scale.optim import StateLayout
 
 #: DeepSpeed's defaults for the zero_optimization keys the plan reads (deepspeed/runtime/zero/config.py)
 ZERO_DEFAULTS = {
@@ -59,7 +68,7 @@ def model_facts(cfg: ExperimentConfig) -> ModelFacts:
     from fisher_scale.tasks import task_of
 
     model = model_skeleton(cfg.model.name, cfg.model.task, num_labels=task_of(cfg.data.dataset).num_labels(cfg) or 2)
-    shape = DecoderShape.of(model.config)
+    shape = DecoderShape.of(model.config, causal=cfg.model.task == "causal_lm")
     if cfg.peft.enabled:
         lora = Lora(cfg.peft.rank, cfg.peft.alpha, cfg.peft.dropout, cfg.peft.target_modules)
         model = apply_lora(model, lora, task=cfg.model.task)
@@ -126,7 +135,7 @@ def plan_memory(cfg: ExperimentConfig, facts: ModelFacts | None = None) -> Memor
     # the reduce bucket: allocated whole, but a host's pages count only once written (the gradients copied in)
     bucket = b * (zero["reduce_bucket_size"] if cfg.distributed.use_gpu else min(zero["reduce_bucket_size"], t))
     held = {"weights": weight_bytes(facts.params, stage, n, b, zero)}
-    held["fp32 master weights"] = master_bytes(stage, b, t, owned)
+    held["fp32 master weights"] = master_bytes(stage, b, owned)
     held["gradients"] = (owned * b + bucket) if stage == 3 else 0
     held["optimizer state"] = state_bytes(facts, owned, tensors, stage)
     held["Fisher factors"] = facts.layout.replicated
@@ -139,7 +148,8 @@ def plan_memory(cfg: ExperimentConfig, facts: ModelFacts | None = None) -> Memor
         2: t * b + bucket + owned * b,
         3: t * b,  # the concatenated bucket it reduce-scatters
     }[stage]
-    step = (owned * b + 4 * owned * (b == 2) if stage else 4 * t * (b == 2) + t * b) + 4 * STEP_TEMPORARIES * owned
+    # the step: stage 0 still holds the gradients; the others a flat gradient partition and its fp32 copy
+    step = (t * b if stage == 0 else owned * b + 4 * owned * (b == 2)) + 4 * STEP_TEMPORARIES * owned
     phases = {"gradient reduction": gradients, "optimizer step": step}
     phases.update(activation_phases(cfg, facts, b))
     plan = MemoryPlan(held, phases)
@@ -148,13 +158,11 @@ def plan_memory(cfg: ExperimentConfig, facts: ModelFacts | None = None) -> Memor
     return plan
 
 
-def master_bytes(stage: int, b: int, t: int, owned: int) -> int:
-    """fp32 copies of the trained weights: stage 0 has them only in bf16 (its unfused optimizer's clones; in
-    fp32 the optimizer updates the parameters), stages 1-2 always clone the partition, stage 3 only in bf16
-    (in fp32 its master aliases the partition)."""
-    if stage == 0 or stage == 3:
-        return 4 * (t if stage == 0 else owned) * (b == 2)
-    return 4 * owned
+def master_bytes(stage: int, b: int, owned: int) -> int:
+    """fp32 copies of the trained weights: stages 1-2 clone the partition (also for fp32 models), stage 3 only in
+    bf16 (in fp32 its master aliases the partition), stage 0 has none (the optimizer updates the parameters; bf16
+    needs ZeRO 1-3, a config error)."""
+    return 4 * owned * (stage in (1, 2) or (stage == 3 and b == 2))
 
 
 def weight_bytes(params: tuple[Param, ...], stage: int, n: int, b: int, zero: dict[str, int]) -> int:
@@ -188,8 +196,8 @@ def state_bytes(facts: ModelFacts, owned: int, tensors: int, stage: int) -> int:
 
 
 def activation_phases(cfg: ExperimentConfig, facts: ModelFacts, b: int) -> dict[str, int]:
-    """The forward-to-backward turn (saved activations and the loss's working set) and, with a FISH mask, its
-    scoring (per-example gradients of the candidates over an evaluation batch)."""
+    """The forward-to-backward turn (saved activations and the loss's working set), with a FISH mask its scoring
+    (the same at the evaluation batch, with per-example gradients of the candidates) and a causal LM's evaluation."""
     shape = facts.shape
     if shape is None:
         return {}
@@ -205,5 +213,10 @@ def activation_phases(cfg: ExperimentConfig, facts: ModelFacts, b: int) -> dict[
     phases = {"activations": turn(cfg.data.batch_size)}
     if facts.candidates:
         candidates = sum(p.numel for p in facts.params if p.name in facts.candidates)
-        phases["mask scoring"] = turn(cfg.eval.batch_size) + 4 * candidates * (cfg.eval.batch_size + 1)
+        scored = cfg.mask.batch_size or cfg.eval.batch_size
+        phases["mask scoring"] = turn(scored) + 4 * candidates * (scored + 1)
+    if cfg.eval.enabled and cfg.model.task == "causal_lm":
+        # no gradient: the logits of an evaluation batch, and the fp32 log-softmax of their target rows (all rows
+        # at most) with its fp32 copy
+        phases["evaluation"] = cfg.eval.batch_size * tokens * shape.outputs * (b + 2 * FP32)
     return phases

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.table import Table
 
 from fisher_scale.config import ExperimentConfig
@@ -13,12 +15,23 @@ def size(n: float) -> str:
     """Bytes as people read them: KiB, MiB or GiB, three significant digits."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
-            return f"{n / scale:.3g} {unit}"
+            value = n / scale
+            return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
     return f"{n:.0f} B"
 
 
-#: short column names of the held terms
-COLUMNS = {"fp32 master weights": "fp32 master", "optimizer state": "opt. state", "Fisher factors": "Fisher"}
+#: short column names of the grid table
+COLUMNS = {
+    "model.name": "model",
+    "distributed.num_workers": "workers",
+    "distributed.zero_stage": "ZeRO",
+    "optimizer.name": "optimizer",
+    "global_batch": "global batch",
+    "fp32 master weights": "master",
+    "gradients": "grads",
+    "optimizer state": "state",
+    "Fisher factors": "Fisher",
+}
 
 
 def verdict(cfg: ExperimentConfig, plan: MemoryPlan) -> tuple[bool | None, str, int | None]:
@@ -53,20 +66,23 @@ def terms_table(title: str, cfg: ExperimentConfig) -> tuple[Table, bool]:
     return table, ok is not False
 
 
-def points_table(title: str, points: list[tuple[str, ExperimentConfig]]) -> tuple[Table, bool]:
-    """One row per grid point: the held terms, the peak phase's working set, the peak and the verdict."""
+def points_table(title: str, points: list[tuple[dict[str, Any], ExperimentConfig]]) -> tuple[Table, bool]:
+    """One row per grid point (a column per grid key): the held terms, the peak phase's working set, the peak,
+    whether it fits and the largest training batch that does."""
     table = Table(title=title)
-    plans = [(label, cfg, plan_memory(cfg, facts_of(cfg))) for label, cfg in points]
-    held = list(plans[0][2].held)
-    for column in ("point", *(COLUMNS.get(h, h) for h in held), "working set", "peak", "fits", "largest batch"):
-        table.add_column(column, justify="left" if column == "point" else "right")
+    plans = [(grid, cfg, plan_memory(cfg, facts_of(cfg))) for grid, cfg in points]
+    keys, held = list(plans[0][0]), list(plans[0][2].held)
+    for key in keys:
+        table.add_column(COLUMNS.get(key, key.rsplit(".", 1)[-1]), no_wrap=True)
+    for column in (*(COLUMNS.get(h, h) for h in held), "peak phase", "its working set", "peak", "fits", "max batch"):
+        table.add_column(column, justify="right")
     all_fit, devices = True, set()
-    for label, cfg, plan in plans:
+    for grid, cfg, plan in plans:
         ok, device, batch = verdict(cfg, plan)
         all_fit &= ok is not False
         devices.add(device)
-        working = f"{size(plan.phases[plan.peak_phase])} ({plan.peak_phase})"
-        row = (label, *(size(plan.held[h]) for h in held), working, size(plan.peak), _fits(ok), str(batch or "-"))
-        table.add_row(*row)
+        terms = (size(plan.held[h]) for h in held)
+        working = (plan.peak_phase, size(plan.phases[plan.peak_phase]), size(plan.peak))
+        table.add_row(*(str(grid[k]) for k in keys), *terms, *working, _fits(ok), str(batch or "-"))
     table.caption = "device: " + ", ".join(sorted(devices))
     return table, all_fit

@@ -66,7 +66,7 @@ class TrainingSet:
         """FISH scoring examples: a rank's :func:`scoring_share` of the first ``mask.samples`` training
         examples (repeated when the set is smaller), so the ranks together score what one process would."""
         chosen = [i % len(self) for i in share]
-        size = self.cfg.eval.batch_size
+        size = self.cfg.mask.batch_size or self.cfg.eval.batch_size
         for start in range(0, len(chosen), size):
             yield self.collate(chosen[start : start + size])
 
