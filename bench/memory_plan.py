@@ -42,9 +42,14 @@ def config(out: Path, name: str, model: str, optimizer: str, stage: int, world: 
             "max_train_examples": 64,
             "batch_size": 8 // world,
         },
-        "train": {"steps": steps, "log_every": steps, "output_dir": str(out / name)},
+        "train": {"steps": steps, "log_every": steps, "output_dir": str(out / name), "trace_memory": True},
         "eval": {"enabled": False, "batch_size": 4},
-        "distributed": {"zero_stage": stage, "num_workers": world},
+        # DeepSpeed's default bucket (5e8 elements, 1.9 GiB in fp32) would be most of every ZeRO 1-3 peak here
+        "distributed": {
+            "zero_stage": stage,
+            "num_workers": world,
+            "deepspeed": {"zero_optimization": {"reduce_bucket_size": 1_000_000}},
+        },
     }
 
 

@@ -234,20 +234,28 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
 
 
 def _plan(args: argparse.Namespace, console: Console) -> int:
-    from fisher_scale.config import load_config
-    from fisher_scale.plan.check import setting
+    from fisher_scale.config import ConfigError, load_config, with_values
+    from fisher_scale.plan.check import check_memory, setting
     from fisher_scale.plan.table import points_table, terms_table
     from fisher_scale.scale.grid import grid_points, point_config
 
     cfg = load_config(args.config, args.set)
     table, fits = terms_table(f"{cfg.name}: memory plan per rank\n{setting(cfg)}", cfg)
     console.print(table)
+    checked = [("", cfg)]
     if cfg.scale.grid:
-        points = [(point.grid, point_config(cfg, point)) for point in grid_points(cfg)]
-        grid, grid_fits = points_table(f"{cfg.name}: scale.grid, per rank", points)
+        points = [(point, point_config(cfg, point)) for point in grid_points(cfg)]
+        grid, grid_fits = points_table(f"{cfg.name}: scale.grid, per rank", [(p.grid, c) for p, c in points])
         console.print(grid)
         fits &= grid_fits
-    return 0 if fits else EXIT_BAD_INPUT
+        checked = [(p.label(), c) for p, c in points]
+    if fits:
+        return 0
+    try:
+        check_memory((label, with_values(c, {"distributed.memory_check": True})) for label, c in checked)
+    except ConfigError as refused:  # what to change, as train, tune and scale would say it
+        console.print(f"[red]does not fit:[/red] {refused}", soft_wrap=True)
+    return EXIT_BAD_INPUT
 
 
 def _memory_check_flag(command: argparse.ArgumentParser) -> None:

@@ -151,6 +151,11 @@ class TrainConfig(Section):
     profile: bool = Field(
         False, description="split step time into forward/backward/optimizer/communication (GPU: synchronises)"
     )
+    trace_memory: bool = Field(
+        False,
+        description="on the host, memory/peak_bytes counts live tensor bytes (every operation traced: slow; "
+        "what fisher-scale plan plans) instead of the resident set",
+    )
 
 
 class DistributedConfig(Section):

@@ -153,6 +153,7 @@ def test_plan_command_prints_the_terms_and_exits_2_when_a_grid_point_does_not_fi
     out = capsys.readouterr().out
     assert "optimizer state" in out and "Fisher factors" in out and "peak" in out
     assert "tiny-x4" in out and " no " in out and " yes " in out
+    assert "does not fit: model.name=tiny-x4, optimizer.name=adamw: the memory plan needs" in " ".join(out.split())
     assert main(["plan", str(path), "--set", "scale.grid={}", "--set", "model.name=tiny"]) == 0
 
 
@@ -185,3 +186,70 @@ def test_mask_scoring_batches_are_mask_batch_size_and_the_plan_grows_with_them()
     smaller = with_values(cfg, {"mask.batch_size": 3})
     assert [len(b["input_ids"]) for b in TrainingSet(smaller).scoring_batches(range(10))] == [3, 3, 3, 1]
     assert plan_memory(smaller).phases["mask scoring"] < plan_memory(cfg).phases["mask scoring"]
+
+
+def test_live_tensors_count_each_storage_once_until_it_is_freed() -> None:
+    from fisher_scale.train.profile import LiveTensors
+
+    with LiveTensors() as live:
+        a = torch.ones(1000, 250)  # 1,000,000 bytes
+        b = a * 2  # another 1,000,000
+        view = b.view(-1)[10:]  # the same storage: nothing new
+        del a
+        c = torch.zeros(100, dtype=torch.float64)  # 800 bytes
+        assert (live.live, live.peak) == (1_000_800, 2_000_000)
+        del b, view, c
+        assert live.live == 0
+
+
+def test_planned_peak_is_within_10_percent_of_the_traced_peak_of_a_run(tmp_path: Path) -> None:
+    """The whole plan against one measured run (bench/memory_plan.py measures the grid): fp32 LoRA on tiny-x4,
+    ZeRO-2 on one worker, AdaFisher, a FISH mask scored at step 1, live tensor bytes traced."""
+    from fisher_scale.data import default_data_dir
+    from fisher_scale.train.local import run_jobs
+    from fisher_scale.train.metrics import PEAK_MEMORY, STATE_BYTES
+
+    tree = {
+        "model": {"name": "tiny-x4"},
+        "peft": {"target_modules": list(EVERY_LINEAR)},
+        "mask": {"enabled": True, "samples": 4, "warmup_steps": 1},
+        "data": {"source": str(default_data_dir() / "gsm8k"), "max_length": 128, "max_train_examples": 16},
+        "train": {"steps": 2, "log_every": 2, "output_dir": str(tmp_path / "run"), "trace_memory": True},
+        "eval": {"enabled": False, "batch_size": 2},
+        "distributed": {"zero_stage": 2, "deepspeed": {"zero_optimization": {"reduce_bucket_size": 1_000_000}}},
+    }
+    run_jobs(1, [("run", tree, None)], tmp_path)
+    report = torch.load(tmp_path / "run-reports.pt", weights_only=False)[-1]
+    plan = plan_memory(build_config(tree))
+    assert plan.held["optimizer state"] + plan.held["Fisher factors"] == report[STATE_BYTES]
+    assert abs(plan.peak / report[PEAK_MEMORY] - 1) < 0.10, (plan.peak, report[PEAK_MEMORY])
+
+
+@pytest.mark.parametrize("command", ["tune", "scale"])
+def test_studies_are_refused_before_ray_starts_naming_each_point(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import fisher_scale.scale.grid
+    import fisher_scale.tune.study
+
+    def no_cluster(*_: object, **__: object) -> None:
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(fisher_scale.scale.grid, "start_cluster", no_cluster)
+    monkeypatch.setattr(fisher_scale.tune.study, "start_cluster", no_cluster)
+    path = tmp_path / "study.yaml"
+    path.write_text(
+        "model: {name: tiny-x2}\ndata: {dataset: gsm8k, max_length: 128, batch_size: 4}\neval: {enabled: false}\n"
+        f"distributed: {{device_memory_gib: 0.01, storage_path: {tmp_path / 'ray'}}}\n"
+        f"tracking: {{uri: 'sqlite:///{tmp_path / 'mlflow.db'}'}}\n"
+        "tune: {num_samples: 1, space: {lr: {loguniform: [1.0e-4, 1.0e-2]}}, metric: train/loss}\n"
+        "scale: {grid: {optimizer.name: [adamw, adafish]}}\n"
+    )
+    assert main([command, str(path)]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "the memory plan needs" in out and "data.batch_size ≤" in out
+    if command == "scale":
+        assert "name=adamw: the memory plan" in out and "name=adafish: the memory plan" in out
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray").exists()
+    assert main([command, str(path), "--no-memory-check", "--set", "distributed.storage_path=/dev/null/x"]) == 2
+    assert "memory plan" not in capsys.readouterr().out  # the check skipped: the next one (the folder) refuses

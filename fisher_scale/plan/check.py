@@ -29,6 +29,15 @@ def facts_of(cfg: ExperimentConfig) -> ModelFacts:
     return _FACTS[key]
 
 
+def size(n: float) -> str:
+    """Bytes as people read them: KiB, MiB or GiB, three significant digits."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    return f"{n:.0f} B"
+
+
 def setting(cfg: ExperimentConfig) -> str:
     """What a plan depends on, in a few words."""
     return (
@@ -98,8 +107,8 @@ def refusal(cfg: ExperimentConfig, plan: MemoryPlan, memory: int, source: str) -
         changes.append(f"distributed.zero_stage: {cfg.distributed.zero_stage + 1} or 3")
     changes.append("more distributed.num_workers")
     return (
-        f"the memory plan needs {plan.peak / GIB:.1f} GiB per rank (at its {plan.peak_phase}), more than "
-        f"{USABLE:.0%} of {memory / GIB:.1f} GiB ({source}); set {'; or '.join(changes)}. "
+        f"the memory plan needs {size(plan.peak)} per rank (at its {plan.peak_phase}), more than "
+        f"{USABLE:.0%} of {size(memory)} ({source}); set {'; or '.join(changes)}. "
         "`fisher-scale plan` shows the terms; --no-memory-check (distributed.memory_check: false) runs it anyway"
     )
 

@@ -7,18 +7,8 @@ from typing import Any
 from rich.table import Table
 
 from fisher_scale.config import ExperimentConfig
-from fisher_scale.plan.check import device_memory, facts_of, fits, largest_batch
+from fisher_scale.plan.check import device_memory, facts_of, fits, largest_batch, size
 from fisher_scale.plan.memory import MemoryPlan, plan_memory
-
-
-def size(n: float) -> str:
-    """Bytes as people read them: KiB, MiB or GiB, three significant digits."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            value = n / scale
-            return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
-    return f"{n:.0f} B"
-
 
 #: short column names of the grid table
 COLUMNS = {

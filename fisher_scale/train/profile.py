@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from fisher_scale.train.metrics import phase_time
 
@@ -137,24 +140,61 @@ class StepProfiler:
         return metrics
 
 
-class PeakMemory:
-    """This rank's peak memory since the run began (the measure a memory plan is checked against): on GPUs the
-    CUDA allocator's peak, on the host the growth of the resident set to its high-water mark, both reset when the
-    run begins, so a process's earlier runs and the libraries it loaded before do not count."""
+class LiveTensors(TorchDispatchMode):
+    """The bytes of the host's tensor storages alive while it is active, and their peak: each storage an operation
+    returns counts until it is freed (a weak reference to it: torch keeps a storage's Python object as long as
+    the storage lives). The host's counterpart of the CUDA allocator's statistics."""
 
-    def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+                storage = tensor.untyped_storage()
+                key = storage._cdata
+                if key not in self._sizes:
+                    self._sizes[key] = storage.nbytes()
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key)
+        return out
+
+
+class PeakMemory:
+    """This rank's peak memory since the run began (what a memory plan is checked against): on GPUs the CUDA
+    allocator's peak; on the host the live tensors' peak when ``trace`` (:class:`LiveTensors`, from here until
+    :meth:`stop`), else the growth of the resident set to its high-water mark, which counts the libraries' lazy
+    loading and, as glibc keeps freed memory for reuse, little of a process's later runs."""
+
+    def __init__(self, cuda: bool, trace: bool = False) -> None:
+        self.cuda, self.tracer = cuda, None
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-            self.start = 0
-            return
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: the high-water mark starts again from here
-        self.start = self._resident("VmRSS")
+        elif trace:
+            self.tracer = LiveTensors()
+            self.tracer.__enter__()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # Linux: the high-water mark starts again from here
+            self.start = self._resident("VmRSS")
 
     def bytes(self) -> int:
         if self.cuda:
             return int(torch.cuda.max_memory_allocated())
+        if self.tracer is not None:
+            return self.tracer.peak
         return self._resident("VmHWM") - self.start
+
+    def stop(self) -> None:
+        if self.tracer is not None:
+            self.tracer.__exit__(None, None, None)
+            self.tracer = None
 
     @staticmethod
     def _resident(field: str) -> int:

@@ -95,7 +95,7 @@ class Run:
         torch.manual_seed(cfg.seed)
         self.data = TrainingSet(cfg)
         # from here: the model, engine, optimizer and steps (the tokenised data and the libraries are not counted)
-        self.peak_memory = PeakMemory(cfg.distributed.use_gpu)
+        self.peak_memory = PeakMemory(cfg.distributed.use_gpu, trace=cfg.train.trace_memory)
         ds_config = deepspeed_config(cfg, world)
         self.model = build_model(cfg, self.data.num_labels, ds_config if cfg.distributed.zero_stage == 3 else None)
         self.start_step = 0
@@ -281,6 +281,7 @@ class Run:
                 self.reporter(metrics, None)
         self._save_weights(Path(self.cfg.train.output_dir), metrics)
         self.profiler.uninstall()
+        self.peak_memory.stop()
 
     def _save(self, directory: Path, next_step: int, metrics: dict[str, Any]) -> None:
         history = {**self.history, "skipped_steps": self.history["skipped_steps"] + self.guard.skipped}
