@@ -31,6 +31,7 @@ ZERO_DEFAULTS = {
     "reduce_bucket_size": 500_000_000,
     "stage3_param_persistence_threshold": 100_000,
     "stage3_max_reuse_distance": 1_000_000_000,
+    "stage3_prefetch_bucket_size": 50_000_000,
     "sub_group_size": 1_000_000_000,
 }
 #: FISH scoring's vmap(grad) over a batch holds this many times what a plain backward of that batch holds (measured:
@@ -154,6 +155,8 @@ def plan_memory(cfg: ExperimentConfig, facts: ModelFacts | None = None) -> Memor
     step = (t * b if stage == 0 else owned * b + 4 * owned * (b == 2)) + 4 * STEP_TEMPORARIES * owned
     phases = {"gradient reduction": gradients, "optimizer step": step}
     phases.update(activation_phases(cfg, facts, b))
+    if "activations" in phases and stage == 3 and n > 1:
+        phases["activations"] += gather_bytes(facts.params, b, zero)
     plan = MemoryPlan(held, phases)
     if facts.shape is None:
         plan.notes.append("no activation term for this model type: activations are not counted")
@@ -177,6 +180,14 @@ def weight_bytes(params: tuple[Param, ...], stage: int, n: int, b: int, zero: di
     small = sum(p.numel for p in params if p.numel <= zero["stage3_param_persistence_threshold"])
     shares = sum(math.ceil(p.numel / n) for p in params)
     return b * (shares + small + min(total - small, zero["stage3_max_reuse_distance"] // 2))
+
+
+def gather_bytes(params: tuple[Param, ...], b: int, zero: dict[str, int]) -> int:
+    """ZeRO-3's all-gathers in flight during a training forward and backward: the flat buffers of the parameters
+    it fetches, up to ``stage3_prefetch_bucket_size`` elements (measured: a second copy of every gathered parameter
+    of a model smaller than the bucket; FISH scoring gathers once, without them)."""
+    fetched = sum(p.numel for p in params if p.numel > zero["stage3_param_persistence_threshold"])
+    return b * min(fetched, zero["stage3_prefetch_bucket_size"])
 
 
 def state_bytes(facts: ModelFacts, owned: int, tensors: int, stage: int) -> int:
