@@ -253,3 +253,52 @@ def test_studies_are_refused_before_ray_starts_naming_each_point(
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray").exists()
     assert main([command, str(path), "--no-memory-check", "--set", "distributed.storage_path=/dev/null/x"]) == 2
     assert "memory plan" not in capsys.readouterr().out  # the check skipped: the next one (the folder) refuses
+
+
+#: the published config.json values of the Qwen2.5 base models the cluster configs train (no hub access in tests)
+QWEN25 = {
+    "Qwen/Qwen2.5-0.5B": (896, 4864, 24, 14, 2, 151936, True),
+    "Qwen/Qwen2.5-1.5B": (1536, 8960, 28, 12, 2, 151936, True),
+    "Qwen/Qwen2.5-3B": (2048, 11008, 36, 16, 2, 151936, True),
+    "Qwen/Qwen2.5-7B": (3584, 18944, 28, 28, 4, 152064, False),
+}
+
+
+def test_every_shipped_gpu_config_fits_its_gpu_by_its_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cluster configs against an A100 40 GB (their distributed.device_memory_gib), every study optimizer and
+    scale point; the skeletons have the published parameter counts."""
+    import json
+
+    from fisher_scale import models
+    from fisher_scale.config import load_config
+    from fisher_scale.scale.grid import grid_points, point_config
+
+    folders = {}
+    for name, (hidden, mlp, layers, heads, kv, vocab, tied) in QWEN25.items():
+        folder = tmp_path / name.split("/")[1]
+        folder.mkdir()
+        config = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": hidden}
+        config |= {"intermediate_size": mlp, "num_hidden_layers": layers, "num_attention_heads": heads}
+        config |= {"num_key_value_heads": kv, "vocab_size": vocab, "tie_word_embeddings": tied}
+        (folder / "config.json").write_text(json.dumps(config))
+        folders[name] = folder
+    original = models._pretrained_source
+    monkeypatch.setattr(models, "_pretrained_source", lambda name: folders.get(name) or original(name))
+    counts = {n: sum(p.numel() for p in models.model_skeleton(n).parameters()) for n in QWEN25}
+    assert [round(c / 1e9, 2) for c in counts.values()] == [0.49, 1.54, 3.09, 7.62]
+    shipped = Path(__file__).resolve().parents[1] / "tune_configs"
+    planned = []
+    for path in sorted(shipped.glob("*.yaml")):
+        cfg = load_config(path)
+        if not cfg.distributed.use_gpu:
+            continue
+        assert cfg.distributed.device_memory_gib == 39.5, path.name
+        configs = [point_config(cfg, p) for p in grid_points(cfg)] if cfg.scale.grid else [cfg]
+        if cfg.tune.optimizers:
+            configs = [with_values(c, {"optimizer.name": o}) for c in configs for o in cfg.tune.optimizers]
+        check_memory((path.name, c) for c in configs)
+        planned.append(path.name)
+    assert len(planned) == 4, planned
+    study = load_config(shipped / "study-gsm8k-qwen2.5-7b.yaml")
+    with pytest.raises(ConfigError, match=r"at its mask scoring.*mask\.batch_size ≤ 6; or eval\.batch_size ≤ 2\d;"):
+        check_memory([("", with_values(study, {"mask.batch_size": None, "eval.batch_size": 32}))])

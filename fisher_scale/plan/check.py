@@ -75,13 +75,16 @@ def fits(plan: MemoryPlan, memory: int) -> bool:
 BATCH_OF_PHASE = {"activations": "data.batch_size", "mask scoring": "mask.batch_size", "evaluation": "eval.batch_size"}
 
 
-def largest_batch(cfg: ExperimentConfig, memory: int, key: str = "data.batch_size") -> int:
-    """The largest value of ``key`` (a batch size, up to :data:`MAX_BATCH`) whose plan fits ``memory``; 0 when
-    none does."""
+def largest_batch(cfg: ExperimentConfig, memory: int, key: str = "data.batch_size", phase: str | None = None) -> int:
+    """The largest value of ``key`` (a batch size, up to :data:`MAX_BATCH`) whose plan fits ``memory`` (only the
+    held memory and ``phase``, when given); 0 when none does."""
     facts = facts_of(cfg)
 
     def fitting(batch: int) -> bool:
-        return fits(plan_memory(with_values(cfg, {key: batch}), facts), memory)
+        plan = plan_memory(with_values(cfg, {key: batch}), facts)
+        if phase is None:
+            return fits(plan, memory)
+        return sum(plan.held.values()) + plan.phases[phase] <= USABLE * memory
 
     low, high = 0, 1
     while high <= MAX_BATCH and fitting(high):
@@ -94,17 +97,20 @@ def largest_batch(cfg: ExperimentConfig, memory: int, key: str = "data.batch_siz
 
 
 def refusal(cfg: ExperimentConfig, plan: MemoryPlan, memory: int, source: str) -> str:
-    """Why ``cfg`` does not fit, and the keys that would make it fit."""
+    """Why ``cfg`` does not fit, and the keys that would make it fit: each phase over the memory by itself names
+    the batch it grows with, at the largest value that fits."""
     changes = []
-    key = BATCH_OF_PHASE.get(plan.peak_phase)
-    batch = largest_batch(cfg, memory, key) if key else 0
-    if batch:
-        accumulate = " (data.gradient_accumulation_steps keeps the global batch)" if key == "data.batch_size" else ""
-        changes.append(f"{key} ≤ {batch}{accumulate}")
-    if not cfg.model.activation_checkpointing and plan.peak_phase in ("activations", "mask scoring"):
+    over = [p for p, size in plan.phases.items() if sum(plan.held.values()) + size > USABLE * memory]
+    for phase in over:
+        key = BATCH_OF_PHASE.get(phase)
+        batch = largest_batch(cfg, memory, key, phase) if key else 0
+        if batch:
+            keeps = " (data.gradient_accumulation_steps keeps the global batch)" if key == "data.batch_size" else ""
+            changes.append(f"{key} ≤ {batch}{keeps}")
+    if not cfg.model.activation_checkpointing and {"activations", "mask scoring"} & set(over):
         changes.append("model.activation_checkpointing: true")
     if cfg.distributed.zero_stage < 3:
-        changes.append(f"distributed.zero_stage: {cfg.distributed.zero_stage + 1} or 3")
+        changes.append(f"distributed.zero_stage: {'3' if cfg.distributed.zero_stage == 2 else '2 or 3'}")
     changes.append("more distributed.num_workers")
     return (
         f"the memory plan needs {size(plan.peak)} per rank (at its {plan.peak_phase}), more than "

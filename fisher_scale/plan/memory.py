@@ -36,7 +36,7 @@ ZERO_DEFAULTS = {
 }
 #: FISH scoring's vmap(grad) over a batch holds this many times what a plain backward of that batch holds (measured:
 #: 2.50-2.58× on tiny-x4/x8 LoRA models at 2-8 examples × 64-256 tokens, per-example gradients included)
-SCORING_FACTOR = 2.6
+SCORING_FACTOR = 2.55
 #: an optimizer step's temporaries, in fp32 values per element it updates (AdamW's denominator, AdaFisher's F̃
 #: block and direction)
 STEP_TEMPORARIES = 2
