@@ -25,11 +25,13 @@ COLUMNS = {
 
 
 def verdict(cfg: ExperimentConfig, plan: MemoryPlan) -> tuple[bool | None, str, int | None]:
-    """Whether the plan fits the device (None: memory unknown), the device, and the largest batch that fits."""
+    """Whether the plan fits the device (None: memory unknown), the device, and the largest batch that fits (None
+    without an activation term)."""
     memory = device_memory(cfg)
     if memory is None:
         return None, "device memory unknown: set distributed.device_memory_gib", None
-    return fits(plan, memory[0]), f"{size(memory[0])} ({memory[1]})", largest_batch(cfg, memory[0])
+    batch = largest_batch(cfg, memory[0]) if "activations" in plan.phases else None  # else no batch term
+    return fits(plan, memory[0]), f"{size(memory[0])} ({memory[1]})", batch
 
 
 def _fits(ok: bool | None) -> str:
