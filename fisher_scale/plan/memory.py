@@ -217,15 +217,13 @@ def activation_phases(cfg: ExperimentConfig, facts: ModelFacts, b: int) -> dict[
     training = Training(frozenset(cfg.peft.target_modules), cfg.peft.rank, cfg.peft.dropout, full=not cfg.peft.enabled)
     tokens = cfg.data.max_length
 
-    def turn(batch: int) -> int:
-        saved = (checkpointed_model if cfg.model.activation_checkpointing else decoder_model)(
-            shape, b, training, batch=batch, tokens=tokens
-        )
+    def turn(batch: int, checkpointed: bool) -> int:
+        saved = (checkpointed_model if checkpointed else decoder_model)(shape, b, training, batch=batch, tokens=tokens)
         return saved + loss_working_set(shape, b, batch=batch, tokens=tokens)
 
-    phases = {"activations": turn(cfg.data.batch_size)}
-    if facts.candidates:
-        phases["mask scoring"] = round(SCORING_FACTOR * turn(cfg.mask.batch_size or cfg.eval.batch_size))
+    phases = {"activations": turn(cfg.data.batch_size, cfg.model.activation_checkpointing)}
+    if facts.candidates:  # scoring runs in eval mode, where transformers checkpoints no layer
+        phases["mask scoring"] = round(SCORING_FACTOR * turn(cfg.mask.batch_size or cfg.eval.batch_size, False))
     if cfg.eval.enabled and cfg.model.task == "causal_lm":
         # no gradient: the logits of an evaluation batch, and the fp32 log-softmax of their target rows (all rows
         # at most) with its fp32 copy

@@ -10,7 +10,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +45,12 @@ def build_model(cfg: ExperimentConfig, num_labels: int | None, zero3: dict[str, 
     model = load_model(
         cfg.model.name, task=cfg.model.task, num_labels=num_labels, seed=cfg.seed, dtype=dtype, zero3=zero3
     )
-    if cfg.model.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.peft.enabled:
         lora = Lora(cfg.peft.rank, cfg.peft.alpha, cfg.peft.dropout, cfg.peft.target_modules)
         model = apply_lora(model, lora, task=cfg.model.task)
+    if cfg.model.activation_checkpointing:
+        # after LoRA: PEFT would add a second embedding-output hook of its own, which no handle could remove
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -150,9 +151,25 @@ class Run:
             refresh_every=mask.refresh_every,
             head=DEFAULT_HEAD if mask.head is None else mask.head,
             pieces=self.pieces,
-            scoring_context=self.distributor.functional,
+            scoring_context=self._scoring_context,
             register=False,
         )
+
+    @contextlib.contextmanager
+    def _scoring_context(self) -> Iterator[None]:
+        """FISH scoring calls the model under ``torch.func``: without DeepSpeed's module hooks (the distributor)
+        and, with activation checkpointing, without the hook transformers adds to mark the embeddings' output as
+        needing a gradient (``requires_grad_`` inside a functorch transform is an error; scoring runs in eval
+        mode, where no layer is checkpointed)."""
+        with self.distributor.functional():
+            if not self.cfg.model.activation_checkpointing:
+                yield
+                return
+            self.model.disable_input_require_grads()
+            try:
+                yield
+            finally:
+                self.model.enable_input_require_grads()
 
     def _restore(self, directory: Path) -> None:
         """From a checkpoint already checked against its manifests (``newest_intact`` after a worker restart, the
