@@ -76,7 +76,14 @@ def job(name: str, out: Path, data: Path, **settings: Any) -> tuple[str, dict[st
             "batch_size": BATCH // settings["workers"],
             "max_train_examples": EXAMPLES,
         },
-        "train": {"steps": settings["steps"], "log_every": 1, "profile": True, "output_dir": str(out / name)},
+        # on the host, peak memory as the GPU counts it: live tensor bytes (the resident set says little of a run)
+        "train": {
+            "steps": settings["steps"],
+            "log_every": 1,
+            "profile": True,
+            "trace_memory": not gpu,
+            "output_dir": str(out / name),
+        },
         "eval": {"enabled": False},
         "distributed": {
             "zero_stage": settings["stage"],

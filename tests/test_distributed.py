@@ -152,7 +152,8 @@ def test_two_ranks_equal_one_rank_for_every_stage_optimizer_and_mask(tmp_path: P
 
 def test_profiled_steps_split_time_and_report_memory_and_size(tmp_path: Path) -> None:
     """``train.profile``: forward/backward/optimizer/communication add up to at most the step time, ZeRO's
-    collectives are seen, and the reported parameter count is the model's (counted here independently)."""
+    collectives are seen, the reported parameter count is the model's (counted here independently) and the traced
+    peak holds the weights."""
     from fisher_scale.models import Lora, apply_lora, load_model
 
     jobs = [
@@ -163,6 +164,7 @@ def test_profiled_steps_split_time_and_report_memory_and_size(tmp_path: Path) ->
                 tmp_path,
                 distributed__zero_stage=stage,
                 train__profile=True,
+                train__trace_memory=True,
                 train__steps=6,
                 train__log_every=3,
             ),
@@ -183,7 +185,7 @@ def test_profiled_steps_split_time_and_report_memory_and_size(tmp_path: Path) ->
                 0.3 * report["train/step_time_s"] < phases + report["time/comm_s"] <= 1.01 * report["train/step_time_s"]
             )
             assert min(report[f"time/{p}_s"] for p in ("forward", "backward", "optimizer")) > 0
-            assert report["memory/peak_bytes"] > 50 * 2**20
+            assert report["memory/peak_bytes"] > 4 * expected  # live tensors: the fp32 weights at least
             assert report["model/parameters"] == expected, name
 
 
