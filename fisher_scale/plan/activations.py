@@ -16,8 +16,7 @@ DECODER_TYPES = ("qwen2", "llama", "mistral")
 #: the decoder layer's linear modules, by where their input comes from
 ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")
 MLP_INPUTS = ("gate_proj", "up_proj")
-#: bytes of one RMSNorm's saved state per token: its input upcast to fp32 (the fp32 input itself in fp32
-#: models) and the fp32 reciprocal root mean square
+#: bytes of an fp32 value: what RMSNorm, SDPA's log-sum-exp and the loss keep in fp32 whatever the activation dtype
 FP32 = 4
 
 
@@ -66,6 +65,12 @@ class Training:
         return self.full or module in self.targets
 
 
+def _rms_norm(shape: DecoderShape, p: int, training: Training) -> int:
+    """An RMSNorm whose input needs a gradient: its input upcast to fp32 (the input itself in fp32 models) and the
+    fp32 reciprocal root mean square; a trained weight also keeps the normalised input."""
+    return FP32 * shape.hidden + FP32 + p * shape.hidden * training.full
+
+
 def decoder_layer(
     shape: DecoderShape, p: int, training: Training, *, first: bool, tokens: int, padded: bool = True
 ) -> int:
@@ -90,7 +95,7 @@ def decoder_layer(
         return inputs + (0 if training.full else len(trained) * r * p)
 
     if grad:
-        saved += FP32 * h + FP32 + p * h * training.full  # input RMSNorm
+        saved += _rms_norm(shape, p, training)  # the input's
     saved += linears(ATTENTION_INPUTS, h, shared=False)
     grad = grad or any(training.trains(n) for n in ATTENTION_INPUTS)
     # SDPA keeps q, k, v, its output and the fp32 log-sum-exp; with a padding mask, transformers repeats k and v
@@ -101,7 +106,7 @@ def decoder_layer(
     saved += linears(("o_proj",), shape.heads * shape.head_dim, shared=grad)
     grad = grad or training.trains("o_proj")
     if grad:
-        saved += FP32 * h + FP32 + p * h * training.full  # post-attention RMSNorm
+        saved += _rms_norm(shape, p, training)  # the post-attention one
     saved += linears(MLP_INPUTS, h, shared=False)
     grad = grad or any(training.trains(n) for n in MLP_INPUTS)
     if grad:
@@ -114,7 +119,7 @@ def _head(shape: DecoderShape, p: int, training: Training) -> int:
     """Per token after the last layer: the final RMSNorm; a causal LM's fp32 log-softmax of its logits, a
     classifier's trained head (PEFT's ``modules_to_save``) its input; in full training, the embedding's token ids
     and the trained output layer's input."""
-    norm = FP32 * shape.hidden + FP32 + p * shape.hidden * training.full
+    norm = _rms_norm(shape, p, training)
     if shape.causal:
         return norm + FP32 * shape.outputs + (p * shape.hidden + 8) * training.full
     return norm + p * shape.hidden + 8 * training.full

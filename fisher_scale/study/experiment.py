@@ -25,7 +25,6 @@ from typing import Any
 from fisher_scale import tracking
 from fisher_scale.config import ConfigError, ExperimentConfig, flatten, with_values
 from fisher_scale.errors import Interrupted, RunFailed
-from fisher_scale.plan.check import check_memory
 from fisher_scale.train.launcher import (
     check_inputs,
     check_local_resources,
@@ -194,7 +193,6 @@ def open_study(
         check_local_resources(trial_cfg)
     for model_cfg in {(c.model.model_dump_json(), c.peft.model_dump_json()): c for c in trial_cfgs}.values():
         check_model(model_cfg)
-    check_memory(("", c) for c in trial_cfgs)
     uri = state.tracking_uri if state is not None else tracking.tracking_uri(cfg)
     tracking.check_reachable(uri)
     client = tracking.client(uri)

@@ -179,17 +179,24 @@ def optuna_distributions(space: dict[str, Dimension]) -> dict[str, Any]:
     return distributions
 
 
-#: searched keys whose values change what a trial needs (workers, memory): their edges are checked before Ray starts
-RESOURCE_KEYS = ("distributed.", "data.batch_size", "data.max_length", "peft.rank", "model.")
+#: searched keys whose values change a trial's memory: their edges are planned before Ray starts
+MEMORY_KEYS = ("distributed.", "data.batch_size", "data.max_length", "mask.batch_size", "peft.rank", "model.")
 
 
-def resource_configs(studies: dict[str, tuple[ExperimentConfig, dict[str, Dimension]]]) -> list[ExperimentConfig]:
-    """The configs whose resources must fit: each study's base, and its searched values of :data:`RESOURCE_KEYS`
-    at the edges of their ranges (a trial that cannot fit would wait for workers forever, or run out of memory)."""
+def edge_configs(
+    studies: dict[str, tuple[ExperimentConfig, dict[str, Dimension]]], keys: tuple[str, ...]
+) -> list[ExperimentConfig]:
+    """Each study's base, and its searched values of ``keys`` (dotted keys or their prefixes) at the edges of
+    their ranges, one key at a time."""
     configs = []
     for base, space in studies.values():
         configs.append(base)
         for key, dimension in space.items():
-            if key.startswith(RESOURCE_KEYS):
+            if key.startswith(keys):
                 configs += [with_values(base, {key: value}) for value in dimension.edges()]
     return configs
+
+
+def resource_configs(studies: dict[str, tuple[ExperimentConfig, dict[str, Dimension]]]) -> list[ExperimentConfig]:
+    """The configs whose workers must fit the cluster (a trial that cannot would wait for workers forever)."""
+    return edge_configs(studies, ("distributed.",))

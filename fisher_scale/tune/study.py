@@ -19,6 +19,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from fisher_scale import tracking
 from fisher_scale.config import ConfigError, ExperimentConfig, TuneConfig
+from fisher_scale.plan.check import check_memory
 from fisher_scale.study.callbacks import (
     OPTUNA_TRIAL_KEY,
     STUDY_KEY,
@@ -38,7 +39,7 @@ from fisher_scale.study.experiment import (
 )
 from fisher_scale.train.metrics import STEP
 from fisher_scale.tune.concurrent import StudiesScheduler, StudiesSearch
-from fisher_scale.tune.space import check_study, optuna_distributions, resource_configs
+from fisher_scale.tune.space import MEMORY_KEYS, check_study, edge_configs, optuna_distributions, resource_configs
 
 
 class EvalStepOptunaSearch(OptunaSearch):
@@ -172,6 +173,7 @@ def run_study(
 
     def check(cfg: ExperimentConfig) -> list[ExperimentConfig]:
         studies.update(check_study(cfg))
+        check_memory(("", c) for c in edge_configs(studies, MEMORY_KEYS))
         optuna_storage(cfg.tune.storage)
         return resource_configs(studies)
 
