@@ -129,12 +129,12 @@ def test_two_ranks_equal_one_rank_for_every_stage_optimizer_and_mask(tmp_path: P
     # the memory plan's state terms against what the runs held: exact, but where a mask's kept entries split over
     # two ranks by their scores (the plan assumes an even split)
     planned, measured = {}, {}
+    two_ranks = {n for n, _, _ in distributed}
     for name, config, _ in references + distributed:
-        workers = 2 if (name, config, None) in distributed else 1  # run_jobs sets the world, not the config
+        workers = 2 if name in two_ranks else 1  # run_jobs sets the world, not the config
         plan = plan_memory(with_values(build_config(config), {"distributed.num_workers": workers}))
         planned[name] = plan.held["optimizer state"] + plan.held["Fisher factors"]
         measured[name] = torch.load(tmp_path / f"{name}-reports.pt", weights_only=False)[-1][STATE_BYTES]
-    two_ranks = {n for n, _, _ in distributed}
     exact = {n for n, c, _ in references + distributed if not (c["mask"]["enabled"] and n in two_ranks)}
     assert {n: planned[n] for n in exact} == {n: measured[n] for n in exact}
     split = {n: planned[n] / measured[n] for n in two_ranks - exact}

@@ -21,8 +21,11 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 EVERY_LINEAR = (*ATTENTION, "gate_proj", "up_proj", "down_proj")
 
 
-def saved_bytes(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd saves for backward in one forward (the weights left out)."""
+def saved_bytes(
+    model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor | None = None
+) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one forward (the weights left out); a causal
+    LM's labels are its ids."""
     weights = {p.untyped_storage()._cdata for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -33,7 +36,7 @@ def saved_bytes(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tens
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, attention_mask=attention, labels=ids)
+        model(input_ids=ids, attention_mask=attention, labels=ids if labels is None else labels)
     return sum(saved.values())
 
 
@@ -77,19 +80,10 @@ def test_classifier_activation_terms_equal_the_bytes_autograd_saves() -> None:
     )
     batch, tokens = 3, 40
     ids = torch.randint(1, 384, (batch, tokens))
-    weights = {p.untyped_storage()._cdata for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage()._cdata not in weights:
-            saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 2, 1]))
+    saved = saved_bytes(model, ids, torch.ones_like(ids), labels=torch.tensor([0, 2, 1]))
     shape = DecoderShape.of(model.config, causal=False)
     training = Training(frozenset(ATTENTION), 8, 0.0)
-    assert sum(saved.values()) == decoder_model(shape, 4, training, batch=batch, tokens=tokens, padded=False)
+    assert saved == decoder_model(shape, 4, training, batch=batch, tokens=tokens, padded=False)
 
 
 @pytest.mark.parametrize("name", ["adamw", "adafisher", "adafish"])

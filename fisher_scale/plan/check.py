@@ -31,7 +31,7 @@ def facts_of(cfg: ExperimentConfig) -> ModelFacts:
 
 def size(n: float) -> str:
     """Bytes as people read them: KiB, MiB or GiB, three significant digits."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
             value = n / scale
             return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"

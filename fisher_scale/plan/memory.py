@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fisher_scale.config import ExperimentConfig
 from fisher_scale.plan.activations import (
@@ -78,23 +78,18 @@ def model_facts(cfg: ExperimentConfig) -> ModelFacts:
         model = apply_lora(model, lora, task=cfg.model.task)
     optimizer = build_optimizer(cfg.optimizer.name, model, **cfg.optimizer.hyperparameters(cfg.lr))
     params = tuple(Param(n, p.numel(), p.requires_grad) for n, p in model.named_parameters())
-    facts = ModelFacts(params, state_layout(optimizer, model), shape)
+    layout = state_layout(optimizer, model)
     if not cfg.mask.enabled:
-        return facts
+        return ModelFacts(params, layout, shape)
     candidates, heads = candidate_parameters(
         model, cfg.mask.target, DEFAULT_HEAD if cfg.mask.head is None else cfg.mask.head
     )
     ratio = cfg.mask.ratio if cfg.mask.budget_rank is None else equal_budget_ratio(model, cfg.mask.budget_rank)
-    return ModelFacts(
-        params, facts.layout, shape, frozenset(candidates), frozenset(heads), _kept_fraction(facts, ratio, heads)
-    )
-
-
-def _kept_fraction(facts: ModelFacts, ratio: float, heads: dict[str, Any]) -> float:
-    """The share of candidate entries a mask keeps: ``round(ratio·(candidates + heads))`` less the heads."""
+    # select_mask keeps round(ratio·(candidates + heads)) entries, the heads whole among them
     head = sum(p.numel() for p in heads.values())
-    candidates = sum(p.numel for p in facts.params if p.trainable) - head
-    return max(0.0, (round(ratio * (candidates + head)) - head) / candidates)
+    candidate = sum(p.numel() for p in candidates.values())
+    kept = max(0.0, (round(ratio * (candidate + head)) - head) / candidate)
+    return ModelFacts(params, layout, shape, frozenset(candidates), frozenset(heads), kept)
 
 
 @dataclass
