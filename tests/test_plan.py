@@ -146,6 +146,7 @@ def test_plan_command_prints_the_terms_and_exits_2_when_a_grid_point_does_not_fi
     assert main(["plan", str(path)]) == 2
     out = capsys.readouterr().out
     assert "optimizer state" in out and "Fisher factors" in out and "peak" in out
+    assert "activations with checkpointing" in out  # the config has it off: the other setting for comparison
     assert "tiny-x4" in out and " no " in out and " yes " in out
     assert "does not fit: model.name=tiny-x4, optimizer.name=adamw: the memory plan needs" in " ".join(out.split())
     assert main(["plan", str(path), "--set", "scale.grid={}", "--set", "model.name=tiny"]) == 0

@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-from fisher_scale.config import ExperimentConfig
+from fisher_scale.config import ExperimentConfig, with_values
 from fisher_scale.plan.check import device_memory, facts_of, fits, largest_batch, size
 from fisher_scale.plan.memory import MemoryPlan, plan_memory
 
@@ -49,6 +49,11 @@ def terms_table(title: str, cfg: ExperimentConfig) -> tuple[Table, bool]:
     for name, value in plan.phases.items():
         table.add_row(f"+ {name}" + (" (peak)" if name == plan.peak_phase else ""), size(value))
     table.add_row("[bold]peak", f"[bold]{size(plan.peak)}")
+    if "activations" in plan.phases:  # the other setting of activation checkpointing, for comparison
+        other = not cfg.model.activation_checkpointing
+        alternative = plan_memory(with_values(cfg, {"model.activation_checkpointing": other}), facts_of(cfg))
+        setting = "with" if other else "without"
+        table.add_row(f"  activations {setting} checkpointing", size(alternative.phases["activations"]))
     ok, device, batch = verdict(cfg, plan)
     table.add_row("device", device)
     table.add_row("fits", _fits(ok))
