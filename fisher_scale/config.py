@@ -275,6 +275,11 @@ class TuneConfig(Section):
         description="Ray Tune FailureConfig: restarts of a failed trial (of tune and scale studies), each resuming "
         "from the trial's last Ray Train checkpoint; distributed.max_failures recovers workers within a run first",
     )
+    train_in_trial: bool = Field(
+        False,
+        description="a one-worker trial trains in Tune's trial actor, reused from trial to trial, instead of a Ray "
+        "Train run of its own (whose worker group costs 20-40 s per trial before its first step)",
+    )
 
 
 class ScaleConfig(Section):
@@ -324,6 +329,11 @@ class ExperimentConfig(Section):
             raise ValueError(
                 f"mask.budget_rank={budget} needs mask.target=peft and at most peft.rank={self.peft.rank} "
                 "(it keeps the entries of a LoRA of that rank out of the wider one)"
+            )
+        if self.tune.train_in_trial and self.distributed.num_workers > 1:
+            raise ValueError(
+                f"tune.train_in_trial trains in one process: it needs distributed.num_workers=1, not "
+                f"{self.distributed.num_workers}"
             )
         if self.mask.enabled and self.mask.samples < self.distributed.num_workers:
             raise ValueError(

@@ -782,16 +782,20 @@ def test_sweep_with_early_stopping_runs_to_the_end_tracked_on_a_server(
     ray_session: None, tmp_path: Path, mlflow_server: str, postgres: Callable[[str], str]
 ) -> None:
     """Two studies (arms of ``tune.arms``) run side by side in one Tune experiment, each with its own Optuna study,
-    budget and ASHA; ASHA stops trials (their Train placement groups are freed, the next trials run), and MLflow
+    budget and ASHA; ASHA stops trials (their placement groups are freed, the next trials run), and MLflow
     on a real server gets a parent run with one finished child per trial, params, step metrics and artifacts.
-    Optuna and the MLflow server keep their records on PostgreSQL, as the cluster configs have them."""
+    Optuna and the MLflow server keep their records on PostgreSQL, as the cluster configs have them. The trials
+    train in their reused Tune actors (``tune.train_in_trial``), ASHA stopping them mid-run; the resume test below
+    runs Ray Train trials."""
     import optuna
     from mlflow import MlflowClient
 
     from fisher_scale.tune.study import run_study
 
     arms = {"narrow": {"peft.rank": 2}, "wide": {"peft.rank": 4}}
-    tree = study_tree(tmp_path, scheduler="asha", grace_period=4, reduction_factor=2, arms=arms, max_concurrent=2)
+    tree = study_tree(
+        tmp_path, scheduler="asha", grace_period=4, reduction_factor=2, arms=arms, max_concurrent=2, train_in_trial=True
+    )
     tree["tracking"]["uri"] = mlflow_server
     tree["tune"]["storage"] = postgres(f"optuna_{tmp_path.name}")
     cfg = build_config(tree)
@@ -881,6 +885,52 @@ def test_sweep_with_early_stopping_runs_to_the_end_tracked_on_a_server(
     assert f"| adamw-narrow | 3 | 1 | {row['best gsm8k/loss']:.4g} |" in text
     assert "![training_curves](training_curves.png)" in text
     assert "report.md" in {a.path for a in client.list_artifacts(comparison.run_id)}
+
+
+@needs_data
+def test_one_worker_trials_train_in_their_reused_tune_actor_as_a_worker_process_would(
+    ray_session: None, tmp_path: Path
+) -> None:
+    """``tune.train_in_trial``: two trials of the same point train one after the other in one reused Tune actor,
+    with no Ray Train run, and report the losses of that config trained by the local launcher (a process and a
+    process group of its own); both runs are tracked, and the best one's adapter comes from its Tune checkpoint."""
+    import torch
+    from mlflow import MlflowClient
+
+    from fisher_scale.config import with_values
+    from fisher_scale.train.local import run_jobs
+    from fisher_scale.tune.study import run_study
+
+    tree = study_tree(tmp_path, num_samples=2, sampler="random", space={"lr": {"choice": [2e-3]}}, train_in_trial=True)
+    cfg = build_config(tree)
+    state = run_study(cfg)
+
+    study = tmp_path / "ray" / state.study
+    assert not (study / "train").exists()  # where Ray Train runs would have been stored
+    results = [
+        [json.loads(line) for line in path.read_text().splitlines()] for path in study.glob("studies/*/result.json")
+    ]
+    assert len(results) == 2 and len({r["pid"] for trial in results for r in trial}) == 1, "the actor was not reused"
+    ((base, _),) = study_spaces(cfg).values()
+    reference = with_values(base, {"lr": 2e-3, "train.output_dir": str(tmp_path / "reference")})
+    run_jobs(1, [("reference", reference.model_dump(mode="json"), None)], tmp_path)
+    expected = {r["step"]: r["train/loss"] for r in torch.load(tmp_path / "reference-reports.pt", weights_only=False)}
+    client = MlflowClient(cfg.tracking.uri)
+    children = client.search_runs([state.experiment_id], filter_string="tags.`fisher_scale.kind` = 'trial'")
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    for child in children:
+        losses = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "train/loss")}
+        assert losses == pytest.approx(expected, rel=1e-6) and len(losses) == 6
+        assert "/studies/" in child.data.tags["checkpoint"]  # Tune's own checkpoint of the trial
+        output = study / "outputs" / child.data.tags["ray_trial_id"]
+        assert json.loads((output / "result.json").read_text())["metrics"]["step"] == cfg.train.steps
+    best = state.best["adamw"]
+    assert {a.path for a in client.list_artifacts(best["run_id"], "adapter")} >= {"adapter/adapter_config.json"}
+
+
+def test_training_in_the_trial_needs_one_worker() -> None:
+    with pytest.raises(ConfigError, match=r"tune.train_in_trial.*distributed.num_workers=1, not 2"):
+        build_config({"distributed": {"num_workers": 2}, "tune": {"train_in_trial": True}})
 
 
 def _check_what_the_mlflow_ui_reads(url: str, experiment: str, study: str, parent_run_id: str) -> None:

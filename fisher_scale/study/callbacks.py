@@ -186,6 +186,9 @@ class MlflowTrials(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self._submit(self._result, trial, dict(result))
 
+    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
+        self._submit(self._checkpoint, trial, checkpoint.path)  # a trial training in its actor saves to Tune
+
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._submit(self._complete, trial)
 
@@ -199,8 +202,11 @@ class MlflowTrials(Callback):
         log = self._log(trial)
         if not track_report(log, {k: v for k, v in result.items() if k not in _TUNE_KEYS}):
             return
-        if result.get("checkpoint_path"):
-            log.tag("checkpoint", result["checkpoint_path"])
+        if result.get("checkpoint_path"):  # a Ray Train run's checkpoint, relayed with its report
+            self._checkpoint(trial, result["checkpoint_path"])
+
+    def _checkpoint(self, trial: Any, path: str) -> None:
+        self._log(trial).tag("checkpoint", path)
 
     def _complete(self, trial: Any) -> None:
         log = self._log(trial)

@@ -13,6 +13,7 @@ Layout of a study in Ray storage (``distributed.storage_path``, default ``~/ray_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -35,11 +36,12 @@ from fisher_scale.train.launcher import (
     resolve_paths,
     start_ray,
     trainer,
+    write_result,
 )
 
-#: A trial is a light driver of its Ray Train workers. Holding a CPU would starve its own workers on
+#: A trial that runs Ray Train is a light driver of its workers. Holding a CPU would starve its own workers on
 #: a small machine (2 CPUs: a 2-worker trial would wait forever), and an empty request is refused,
-#: so trials hold a sliver of the head node's marker resource: no CPU, run on the head, any cluster.
+#: so such trials hold a sliver of the head node's marker resource: no CPU, run on the head, any cluster.
 TRIAL_RESOURCES = {"node:__internal_head__": 0.001}
 
 
@@ -161,7 +163,32 @@ def run_trial(values: dict[str, Any], bases: dict[str, dict[str, Any]] | None = 
     cfg = trial_config(bases or {}, values, trial_id)
     output = Path(tune.get_context().get_trial_dir()) / "output" if "://" in root else Path(root) / "outputs" / trial_id
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"output_dir": str(output)})})
+    if cfg.tune.train_in_trial:
+        from fisher_scale.train.worker import train_in_trial
+
+        last = train_in_trial(cfg)
+        checkpoint = tune.get_checkpoint()  # what Tune persisted of the last report's checkpoint
+        write_result(cfg, last, checkpoint.path if checkpoint else None)
+        return
     fit(trainer(cfg, run_name=trial_id, storage_path=f"{root}/train", callbacks=[TuneReportCallback()]), cfg)
+
+
+def trial_resources(bases: dict[str, dict[str, Any]]) -> Callable[[dict[str, Any]], Any]:
+    """What a trial's actor requests: a token share of the head node when its run is a Ray Train run (whose
+    workers request the CPUs and GPUs), one worker's CPUs and GPU when it trains in the actor itself."""
+
+    def resources(values: dict[str, Any]) -> Any:
+        from ray import tune
+
+        from fisher_scale.study.callbacks import trial_config
+
+        cfg = trial_config(bases, values, "resources")
+        if not cfg.tune.train_in_trial:
+            return tune.PlacementGroupFactory([TRIAL_RESOURCES])
+        dist = cfg.distributed
+        return tune.PlacementGroupFactory([{"CPU": dist.cpus_per_worker, "GPU": float(dist.use_gpu)}])
+
+    return resources
 
 
 def open_study(
@@ -262,7 +289,9 @@ def make_tuner(
 
     study_root = f"{root}/{state.study}"
     bases_json = {label: base.model_dump(mode="json") for label, base in bases.items()}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, bases=bases_json, root=study_root), TRIAL_RESOURCES)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, bases=bases_json, root=study_root), trial_resources(bases_json)
+    )
     path = f"{study_root}/{name}"
     if tune.Tuner.can_restore(path):
         # trials interrupted while running continue; failed ones stay failed (a resume re-runs no failure)
@@ -284,7 +313,10 @@ def make_tuner(
     return tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=tune_config,
+        # trials that train in their actor pass it on to the next trial of the same resources, imports loaded
+        tune_config=dataclasses.replace(
+            tune_config, reuse_actors=any(base.tune.train_in_trial for base in bases.values())
+        ),
         run_config=tune.RunConfig(
             name=name,
             storage_path=study_root,

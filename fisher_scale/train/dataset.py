@@ -23,6 +23,10 @@ def scoring_share(samples: int, rank: int, world: int) -> range:
     return range(samples * rank // world, samples * (rank + 1) // world)
 
 
+#: the last training set this process tokenised, by its data and model config: (features, examples dropped)
+_TOKENISED: dict[tuple[str, str], tuple[list[dict[str, Any]], int]] = {}
+
+
 class TrainingSet:
     """Tokenised training examples; every rank builds the same list, :class:`StepBatches` picks indices."""
 
@@ -34,13 +38,16 @@ class TrainingSet:
         self.tokenizer = load_tokenizer(cfg.model.name)
         self.causal = cfg.model.task == "causal_lm"
         self.num_labels = self.task.num_labels(cfg)
-        records = self.task.training_records(self.task.source(cfg))[: cfg.data.max_train_examples]
-        features = [self.task.features(r, self.tokenizer, cfg) for r in records]
-        # a causal LM's example whose prompt fills data.max_length has no target token: nothing to learn, and a
-        # step made only of such examples would have no loss
-        self.features = [f for f in features if not self.causal or _has_target(f)]
-        #: examples left out for that reason
-        self.dropped = len(features) - len(self.features)
+        key = (cfg.data.model_dump_json(), cfg.model.model_dump_json())
+        if key not in _TOKENISED:  # a process that trains again (a reused Tune actor) tokenises the set once
+            _TOKENISED.clear()
+            records = self.task.training_records(self.task.source(cfg))[: cfg.data.max_train_examples]
+            features = [self.task.features(r, self.tokenizer, cfg) for r in records]
+            # a causal LM's example whose prompt fills data.max_length has no target token: nothing to learn, and a
+            # step made only of such examples would have no loss
+            kept = [f for f in features if not self.causal or _has_target(f)]
+            _TOKENISED[key] = (kept, len(features) - len(kept))
+        self.features, self.dropped = _TOKENISED[key]  # dropped: examples left out for that reason
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
 

@@ -419,11 +419,17 @@ def fit(torch_trainer: Any, cfg: ExperimentConfig) -> dict[str, Any]:
         raise training_failure(error) from None
     if result.error is not None:
         raise training_failure(result.error) from None
+    return write_result(cfg, result.metrics, result.checkpoint.path if result.checkpoint else None)
+
+
+def write_result(cfg: ExperimentConfig, metrics: dict[str, Any], checkpoint: str | None) -> dict[str, Any]:
+    """Write a finished run's ``result.json`` into ``train.output_dir``: its last metrics, its last checkpoint,
+    its adapter and config; returns that content."""
     output = Path(cfg.train.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     summary = {
-        "metrics": result.metrics,
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "metrics": metrics,
+        "checkpoint": checkpoint,
         "adapter": str(output / "adapter"),
         "config": cfg.model_dump(mode="json"),
     }

@@ -266,6 +266,13 @@ class Run:
         """Steps to ``train.steps``, reporting every ``log_every``; a resumed run first reports again what was
         reported with its checkpoint (a driver stopped as it was written may never have recorded it; the
         consumers keep one report per step)."""
+        try:
+            self._train()
+        finally:  # also when a report stops the run (Tune stops a trial there): a reused process trains on
+            self.profiler.uninstall()
+            self.peak_memory.stop()
+
+    def _train(self) -> None:
         cfg = self.cfg.train
         window: list[dict[str, float]] = []
         metrics: dict[str, Any] = dict(self.replay or {})
@@ -297,8 +304,6 @@ class Run:
             else:
                 self.reporter(metrics, None)
         self._save_weights(Path(self.cfg.train.output_dir), metrics)
-        self.profiler.uninstall()
-        self.peak_memory.stop()
 
     def _save(self, directory: Path, next_step: int, metrics: dict[str, Any]) -> None:
         history = {**self.history, "skipped_steps": self.history["skipped_steps"] + self.guard.skipped}
@@ -337,28 +342,59 @@ def train_worker(config: dict[str, Any]) -> None:
     failure), else from ``train.resume_from`` (an earlier run's checkpoint directory); reports to Ray."""
     import ray.train
 
-    cfg = ExperimentConfig.model_validate(config)
-    quiet_worker(use_gpu=cfg.distributed.use_gpu)
-
     def report(metrics: dict[str, Any], directory: Path | None) -> None:
-        checkpoint_ = ray.train.Checkpoint.from_directory(directory) if directory else None
-        ray.train.report(metrics, checkpoint=checkpoint_)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
 
     context = ray.train.get_context()
-    restored = ray.train.get_checkpoint()
+    reported_run(
+        ExperimentConfig.model_validate(config),
+        report,
+        ray.train.get_checkpoint(),
+        context.get_world_rank(),
+        context.get_world_size(),
+        {"Ray Train run": context.get_experiment_name()},
+    ).train()
+
+
+def train_in_trial(cfg: ExperimentConfig) -> dict[str, Any]:
+    """A one-worker run inside the Tune trial's own actor (``tune.train_in_trial``), with no Ray Train worker
+    group: the actor, which Tune reuses, keeps its imports and its one-rank process group from trial to trial.
+    Reports and checkpoints go to Tune; a retried trial resumes from its newest intact checkpoint. Returns the
+    last report."""
+    import os
+
+    from ray import tune
+
+    use_gpu = cfg.distributed.use_gpu
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")  # what DeepSpeed reads
+    if not torch.distributed.is_initialized():
+        if use_gpu:
+            torch.cuda.set_device(0)  # Ray shows the trial its own GPU only
+        store = torch.distributed.HashStore()  # one rank: no rendezvous, no port
+        torch.distributed.init_process_group("nccl" if use_gpu else "gloo", store=store, rank=0, world_size=1)
+    torch.set_num_threads(max(1, int(cfg.distributed.cpus_per_worker)))
+    last: dict[str, Any] = {}
+
+    def report(metrics: dict[str, Any], directory: Path | None) -> None:
+        last.update(metrics)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory) if directory else None)
+
+    trial = tune.get_context().get_trial_id()
+    reported_run(cfg, report, tune.get_checkpoint(), 0, 1, {"Tune trial": trial}).train()
+    return last
+
+
+def reported_run(
+    cfg: ExperimentConfig, report: Reporter, latest: Any, rank: int, world: int, made_by: dict[str, str]
+) -> Run:
+    """The run of a worker that reports to Ray, resumed from the newest intact checkpoint Ray kept from ``latest``
+    on, else from ``train.resume_from``."""
+    quiet_worker(use_gpu=cfg.distributed.use_gpu)
     with contextlib.ExitStack() as stack:
-        directory = newest_intact(restored, stack) if restored else None
+        directory = newest_intact(latest, stack) if latest else None
         if directory is None and cfg.train.resume_from:
             directory = Path(cfg.train.resume_from)
-        run = Run(
-            cfg,
-            context.get_world_rank(),
-            context.get_world_size(),
-            reporter=report,
-            restored=directory,
-            made_by={"Ray Train run": context.get_experiment_name()},
-        )
-    run.train()
+        return Run(cfg, rank, world, reporter=report, restored=directory, made_by=made_by)
 
 
 def newest_intact(latest: Any, stack: contextlib.ExitStack) -> Path:

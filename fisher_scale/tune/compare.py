@@ -377,7 +377,8 @@ def study_report(client: Any, state: Any, cfg: Any, *, plots_dir: Path) -> list[
 #: the study parameters a report states as its setup
 SETUP_KEYS = (
     "model.name", "model.task", "data.dataset", "peft.rank", "peft.target_modules", "data.batch_size",
-    "data.max_length", "train.steps", "tune.num_samples", "tune.sampler", "tune.scheduler", "tune.metric",
+    "data.gradient_accumulation_steps", "data.max_length", "train.steps", "tune.num_samples", "tune.sampler",
+    "tune.scheduler", "tune.metric",
 )  # fmt: skip
 
 

@@ -255,7 +255,8 @@ def _best(results: Any, label: str, cfg: ExperimentConfig, client: Any, state: S
     run_id = tracking.find_run(
         client, state.experiment_id, **{tracking.TRIAL_TAG: trial_id, tracking.STUDY_TAG: state.study}
     )
-    checkpoint = best.metrics.get("checkpoint_path")
+    # a Ray Train run's checkpoint comes with its report; a trial that trains in its actor saves to Tune
+    checkpoint = best.metrics.get("checkpoint_path") or (best.checkpoint.path if best.checkpoint else None)
     if checkpoint and run_id:
         from ray.train import Checkpoint
 
