@@ -928,6 +928,65 @@ def test_one_worker_trials_train_in_their_reused_tune_actor_as_a_worker_process_
     assert {a.path for a in client.list_artifacts(best["run_id"], "adapter")} >= {"adapter/adapter_config.json"}
 
 
+@needs_data
+def test_a_trial_training_in_its_actor_resumes_from_its_tune_checkpoint_when_the_actor_dies(
+    ray_session: None, tmp_path: Path
+) -> None:
+    """``tune.train_in_trial`` with ``tune.max_failures``: the trial's actor is killed after its first checkpoint,
+    Tune restarts the trial, which resumes from that checkpoint and reports the losses of an uninterrupted run."""
+    import threading
+
+    import psutil
+    import torch
+    from mlflow import MlflowClient
+
+    from fisher_scale.config import with_values
+    from fisher_scale.train.local import run_jobs
+    from fisher_scale.tune.study import run_study
+
+    tree = study_tree(
+        tmp_path, num_samples=1, sampler="random", space={"lr": {"choice": [2e-3]}}, train_in_trial=True, max_failures=1
+    )
+    tree["train"]["steps"] = 24
+    cfg = build_config(tree)
+    killed: list[int] = []
+    done = threading.Event()
+
+    def kill_after_the_first_checkpoint() -> None:
+        while not done.is_set():
+            if any((tmp_path / "ray").glob("*/studies/*/checkpoint_*/trainer_state.json")):
+                actors = [
+                    p for p in psutil.process_iter(["cmdline"]) if "ImplicitFunc" in " ".join(p.info["cmdline"] or [])
+                ]
+                if actors:  # Tune's actor of a function trainable
+                    killed.append(actors[0].pid)
+                    os.kill(killed[0], signal.SIGKILL)
+                    return
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=kill_after_the_first_checkpoint)
+    watcher.start()
+    try:
+        state = run_study(cfg)
+    finally:
+        done.set()
+        watcher.join()
+    assert killed, "the trial finished before its actor could be killed: nothing was resumed"
+    (trial,) = (tmp_path / "ray" / state.study).glob("studies/*/result.json")
+    rows = [json.loads(line) for line in trial.read_text().splitlines()]
+    restarted = [r["step"] for r in rows if r["pid"] != killed[0]]
+    assert restarted and min(restarted) >= 4, restarted  # from its checkpoint on, not from step 0
+    ((base, _),) = study_spaces(cfg).values()
+    reference = with_values(base, {"lr": 2e-3, "train.output_dir": str(tmp_path / "reference")})
+    run_jobs(1, [("reference", reference.model_dump(mode="json"), None)], tmp_path)
+    expected = {r["step"]: r["train/loss"] for r in torch.load(tmp_path / "reference-reports.pt", weights_only=False)}
+    client = MlflowClient(cfg.tracking.uri)
+    (child,) = client.search_runs([state.experiment_id], filter_string="tags.`fisher_scale.kind` = 'trial'")
+    assert child.info.status == "FINISHED"
+    losses = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "train/loss")}
+    assert losses == pytest.approx(expected, rel=1e-6) and max(losses) == 24
+
+
 def test_training_in_the_trial_needs_one_worker() -> None:
     with pytest.raises(ConfigError, match=r"tune.train_in_trial.*distributed.num_workers=1, not 2"):
         build_config({"distributed": {"num_workers": 2}, "tune": {"train_in_trial": True}})
