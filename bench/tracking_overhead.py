@@ -9,7 +9,7 @@ trainable (it only reports, back to back or every ``--report-every-s`` seconds) 
 compares the wall times. Goals (issue 16): ≤ 20 ms per result at the driver, ≤ 5 % end-to-end overhead.
 
     python bench/tracking_overhead.py [--trials 64] [--reports 200] [--tune-trials 16] [--report-every-s 0]
-        [--json out.json]
+        [--repeats 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--reports", type=int, default=200, help="reports per trial")
     parser.add_argument("--tune-trials", type=int, default=16, help="concurrent trials of part 2 (0: skip it)")
     parser.add_argument("--report-every-s", type=float, default=0.0, help="part 2: seconds between a trial's reports")
+    parser.add_argument("--repeats", type=int, default=2, help="part 2: runs with and without tracking, alternated")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     quiet_driver()
@@ -119,7 +120,7 @@ def main() -> None:
             import ray
 
             ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
-            for tracked in (False, True, False, True):  # alternated: drift on the machine is shared out
+            for tracked in (False, True) * args.repeats:  # alternated: drift on the machine is shared out
                 name = "tracked" if tracked else "untracked"
                 console.print(f"part 2, Tune, {name}: {args.tune_trials} trials × {args.reports} reports")
                 folder = Path(tmp) / f"{name}-{len(rows.get('tune', {}).get(name, []))}"
@@ -142,7 +143,7 @@ def main() -> None:
         console.print(
             f"Tune experiment, {args.tune_trials} trials × {args.reports} reports (every {args.report_every_s} s): "
             f"{untracked:.1f} s untracked, "
-            f"{tracked:.1f} s tracked (medians of 2): overhead {100 * rows['tune_overhead']:+.1f} % "
+            f"{tracked:.1f} s tracked (medians of {args.repeats}): overhead {100 * rows['tune_overhead']:+.1f} % "
             f"(goal ≤ {100 * GOALS['overhead']:.0f} %: {met})"
         )
     if args.json:

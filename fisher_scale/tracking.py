@@ -339,15 +339,17 @@ class RunLog:
 class Writer:
     """MLflow calls run in order on one background thread, so that the caller (a Tune callback: Tune's event loop
     waits for each) returns at once. The thread takes every call queued so far, at most once every ``every_s``
-    seconds, runs them, then ``drained`` (which sends what they kept, :meth:`RunLog.send`: a request per run and
-    batch, however many reports it holds). :meth:`flush` waits for every call submitted so far and raises the first
-    error one of them raised; the calls still queued when the process exits are run first (``atexit``)."""
+    seconds (at once when :meth:`flush` waits for them), runs them, then ``drained`` (which sends what they kept,
+    :meth:`RunLog.send`: a request per run and batch, however many reports it holds). :meth:`flush` waits for
+    every call submitted so far and raises the first error one of them raised; the calls still queued when the
+    process exits are run first (``atexit``)."""
 
     def __init__(self, drained: Callable[[], None] = lambda: None, every_s: float = 0.0) -> None:
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._errors: list[Exception] = []
         self._drained, self._every_s, self._last = drained, every_s, 0.0
+        self._hurry = threading.Event()  # set by flush: what is queued goes now, not after the wait
 
     def submit(self, call: Callable[..., Any], *args: Any) -> None:
         if self._thread is None:
@@ -359,7 +361,7 @@ class Writer:
     def _drain(self) -> None:
         while True:
             calls = [self._queue.get()]
-            time.sleep(max(0.0, self._last + self._every_s - time.monotonic()))
+            self._hurry.wait(max(0.0, self._last + self._every_s - time.monotonic()))
             self._last = time.monotonic()
             while not self._queue.empty():
                 calls.append(self._queue.get())
@@ -372,7 +374,9 @@ class Writer:
                 self._queue.task_done()
 
     def flush(self) -> None:
+        self._hurry.set()
         self._queue.join()
+        self._hurry.clear()
         if self._errors:
             raise self._errors.pop(0)
 
