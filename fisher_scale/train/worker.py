@@ -1,5 +1,6 @@
-"""The per-worker loop that Ray Train runs: model, DeepSpeed engine with the client optimizer,
-FISH mask, exact token-weighted loss, checkpoints, non-finite guards, metrics and evaluation."""
+"""The per-worker loop that Ray Train runs (and a Tune trial actor, with ``tune.train_in_trial``): model, DeepSpeed
+engine with the client optimizer, FISH mask, exact token-weighted loss, checkpoints, non-finite guards, metrics
+and evaluation."""
 
 from __future__ import annotations
 
