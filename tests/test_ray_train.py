@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -105,19 +106,17 @@ def test_two_worker_run_writes_adapter_result_and_metrics(
     assert continued[0]["mask/kept/all"] == pytest.approx(0.5, abs=0.01)  # the mask came back with it
 
 
-def _kill_a_worker_after_first_checkpoint(storage: Path, run: str, done: threading.Event) -> list[int]:
-    killed: list[int] = []
+def kill_after_first_checkpoint(checkpoints: str, process: str, done: threading.Event) -> list[int]:
+    """SIGKILL the newest process whose command line names ``process`` once a file matches the glob
+    ``checkpoints`` (a checkpoint's manifest); returns the killed pid, or nothing when ``done`` came first."""
     while not done.is_set():
-        if any(storage.glob(f"{run}-*/**/checkpoint_*/trainer_state.json")):  # the run is named <name>-<time>
-            workers = [
-                p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
-            ]
-            if workers:
-                os.kill(workers[-1].pid, signal.SIGKILL)
-                killed.append(workers[-1].pid)
-                return killed
-        time.sleep(0.2)
-    return killed
+        if glob.glob(checkpoints, recursive=True):
+            found = [p for p in psutil.process_iter(["cmdline"]) if process in " ".join(p.info["cmdline"] or [])]
+            if found:
+                os.kill(found[-1].pid, signal.SIGKILL)
+                return [found[-1].pid]
+        time.sleep(0.1)
+    return []
 
 
 def test_killed_worker_is_replaced_and_training_resumes_exactly(ray_session: None, tmp_path: Path) -> None:
@@ -133,8 +132,9 @@ def test_killed_worker_is_replaced_and_training_resumes_exactly(ray_session: Non
     uninterrupted = run_training(_config(tmp_path, "steady", **changes))
     done = threading.Event()
     killed: list[int] = []
+    checkpoints = f"{tmp_path}/ray/crash-*/**/checkpoint_*/trainer_state.json"  # the run is named <name>-<time>
     watcher = threading.Thread(
-        target=lambda: killed.extend(_kill_a_worker_after_first_checkpoint(tmp_path / "ray", "crash", done))
+        target=lambda: killed.extend(kill_after_first_checkpoint(checkpoints, "RayTrainWorker", done))
     )
     watcher.start()
     try:

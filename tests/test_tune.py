@@ -887,6 +887,19 @@ def test_sweep_with_early_stopping_runs_to_the_end_tracked_on_a_server(
     assert "report.md" in {a.path for a in client.list_artifacts(comparison.run_id)}
 
 
+def _reference_losses(cfg: Any, values: dict[str, Any], tmp_path: Path) -> dict[int, float]:
+    """``train/loss`` by step of the study's base config with ``values``, trained by the local launcher."""
+    import torch
+
+    from fisher_scale.config import with_values
+    from fisher_scale.train.local import run_jobs
+
+    ((base, _),) = study_spaces(cfg).values()
+    reference = with_values(base, {**values, "train.output_dir": str(tmp_path / "reference")})
+    run_jobs(1, [("reference", reference.model_dump(mode="json"), None)], tmp_path)
+    return {r["step"]: r["train/loss"] for r in torch.load(tmp_path / "reference-reports.pt", weights_only=False)}
+
+
 @needs_data
 def test_one_worker_trials_train_in_their_reused_tune_actor_as_a_worker_process_would(
     ray_session: None, tmp_path: Path
@@ -894,11 +907,8 @@ def test_one_worker_trials_train_in_their_reused_tune_actor_as_a_worker_process_
     """``tune.train_in_trial``: two trials of the same point train one after the other in one reused Tune actor,
     with no Ray Train run, and report the losses of that config trained by the local launcher (a process and a
     process group of its own); both runs are tracked, and the best one's adapter comes from its Tune checkpoint."""
-    import torch
     from mlflow import MlflowClient
 
-    from fisher_scale.config import with_values
-    from fisher_scale.train.local import run_jobs
     from fisher_scale.tune.study import run_study
 
     tree = study_tree(tmp_path, num_samples=2, sampler="random", space={"lr": {"choice": [2e-3]}}, train_in_trial=True)
@@ -911,10 +921,7 @@ def test_one_worker_trials_train_in_their_reused_tune_actor_as_a_worker_process_
         [json.loads(line) for line in path.read_text().splitlines()] for path in study.glob("studies/*/result.json")
     ]
     assert len(results) == 2 and len({r["pid"] for trial in results for r in trial}) == 1, "the actor was not reused"
-    ((base, _),) = study_spaces(cfg).values()
-    reference = with_values(base, {"lr": 2e-3, "train.output_dir": str(tmp_path / "reference")})
-    run_jobs(1, [("reference", reference.model_dump(mode="json"), None)], tmp_path)
-    expected = {r["step"]: r["train/loss"] for r in torch.load(tmp_path / "reference-reports.pt", weights_only=False)}
+    expected = _reference_losses(cfg, {"lr": 2e-3}, tmp_path)
     client = MlflowClient(cfg.tracking.uri)
     children = client.search_runs([state.experiment_id], filter_string="tags.`fisher_scale.kind` = 'trial'")
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
@@ -936,13 +943,11 @@ def test_a_trial_training_in_its_actor_resumes_from_its_tune_checkpoint_when_the
     Tune restarts the trial, which resumes from that checkpoint and reports the losses of an uninterrupted run."""
     import threading
 
-    import psutil
-    import torch
     from mlflow import MlflowClient
 
-    from fisher_scale.config import with_values
-    from fisher_scale.train.local import run_jobs
     from fisher_scale.tune.study import run_study
+
+    from .test_ray_train import kill_after_first_checkpoint
 
     tree = study_tree(
         tmp_path, num_samples=1, sampler="random", space={"lr": {"choice": [2e-3]}}, train_in_trial=True, max_failures=1
@@ -951,20 +956,11 @@ def test_a_trial_training_in_its_actor_resumes_from_its_tune_checkpoint_when_the
     cfg = build_config(tree)
     killed: list[int] = []
     done = threading.Event()
-
-    def kill_after_the_first_checkpoint() -> None:
-        while not done.is_set():
-            if any((tmp_path / "ray").glob("*/studies/*/checkpoint_*/trainer_state.json")):
-                actors = [
-                    p for p in psutil.process_iter(["cmdline"]) if "ImplicitFunc" in " ".join(p.info["cmdline"] or [])
-                ]
-                if actors:  # Tune's actor of a function trainable
-                    killed.append(actors[0].pid)
-                    os.kill(killed[0], signal.SIGKILL)
-                    return
-            time.sleep(0.1)
-
-    watcher = threading.Thread(target=kill_after_the_first_checkpoint)
+    checkpoints = f"{tmp_path}/ray/*/studies/*/checkpoint_*/trainer_state.json"
+    # ImplicitFunc: Tune's actor of a function trainable
+    watcher = threading.Thread(
+        target=lambda: killed.extend(kill_after_first_checkpoint(checkpoints, "ImplicitFunc", done))
+    )
     watcher.start()
     try:
         state = run_study(cfg)
@@ -976,10 +972,7 @@ def test_a_trial_training_in_its_actor_resumes_from_its_tune_checkpoint_when_the
     rows = [json.loads(line) for line in trial.read_text().splitlines()]
     restarted = [r["step"] for r in rows if r["pid"] != killed[0]]
     assert restarted and min(restarted) >= 4, restarted  # from its checkpoint on, not from step 0
-    ((base, _),) = study_spaces(cfg).values()
-    reference = with_values(base, {"lr": 2e-3, "train.output_dir": str(tmp_path / "reference")})
-    run_jobs(1, [("reference", reference.model_dump(mode="json"), None)], tmp_path)
-    expected = {r["step"]: r["train/loss"] for r in torch.load(tmp_path / "reference-reports.pt", weights_only=False)}
+    expected = _reference_losses(cfg, {"lr": 2e-3}, tmp_path)
     client = MlflowClient(cfg.tracking.uri)
     (child,) = client.search_runs([state.experiment_id], filter_string="tags.`fisher_scale.kind` = 'trial'")
     assert child.info.status == "FINISHED"

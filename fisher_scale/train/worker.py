@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import posixpath
 import statistics
 import tempfile
@@ -362,8 +363,6 @@ def train_in_trial(cfg: ExperimentConfig) -> dict[str, Any]:
     group: the actor, which Tune reuses, keeps its imports and its one-rank process group from trial to trial.
     Reports and checkpoints go to Tune; a retried trial resumes from its newest intact checkpoint. Returns the
     last report."""
-    import os
-
     from ray import tune
 
     use_gpu = cfg.distributed.use_gpu
