@@ -9,6 +9,8 @@ removed, as a spot preemption takes a node. Writes what it saw as JSON::
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import threading
 import time
@@ -16,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 
-def train_attempts() -> list[tuple[str, str, list[str]]]:
+def train_attempts() -> list[tuple[str, str, list[tuple[str, int]]]]:
     """Every Ray Train run attempt so far: its run's name (the trial id), the run's status and its workers' nodes
-    (Ray Train's state actor, with ``RAY_TRAIN_ENABLE_STATE_TRACKING=1``)."""
+    and process ids (Ray Train's state actor, with ``RAY_TRAIN_ENABLE_STATE_TRACKING=1``)."""
     import ray
     from ray.train.v2._internal.state.state_actor import get_state_actor
 
@@ -28,7 +30,7 @@ def train_attempts() -> list[tuple[str, str, list[str]]]:
     runs = ray.get(actor.get_train_runs.remote())
     attempts = ray.get(actor.get_train_run_attempts.remote())
     return [
-        (runs[run_id].name, runs[run_id].status.value, [worker.node_id for worker in attempt.workers])
+        (runs[run_id].name, runs[run_id].status.value, [(worker.node_id, worker.pid) for worker in attempt.workers])
         for run_id, of_run in attempts.items()
         if run_id in runs
         for attempt in of_run.values()
@@ -36,21 +38,32 @@ def train_attempts() -> list[tuple[str, str, list[str]]]:
 
 
 def preempt_once_checkpointed(cluster: Any, storage: Path, seen: dict[str, Any]) -> None:
-    """Wait until a running trial has a checkpoint, then remove the node of its training worker (no graceful stop)."""
+    """Wait until a running trial has a registered checkpoint, then take the node of its training worker away.
+
+    The worker is frozen (SIGSTOP) the moment its run's checkpoint snapshot appears, so however fast this machine
+    trains, the trial cannot finish between the check and the removal; then its node goes (no graceful stop) and the
+    frozen process, which would never notice its raylet is gone, is killed as the lost machine's would be."""
     import ray
 
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
+        workers: dict[str, tuple[Any, int]] = {}  # trial -> (node, pid) of a running attempt's worker
+        if ray.is_initialized():
+            nodes = {node.node_id: node for node in cluster.worker_nodes}
+            for trial, status, placed in train_attempts():
+                on_workers = [(nodes[node], pid) for node, pid in placed if node in nodes]
+                if status == "RUNNING" and on_workers:
+                    workers[trial] = on_workers[0]
         # registered checkpoints: Ray Train lists them in its snapshot (a checkpoint folder appears before that)
-        checkpointed = {path.parent.name for path in storage.glob("*/train/*/checkpoint_manager_snapshot.json")}
-        if checkpointed and ray.is_initialized():
-            for trial, status, nodes in train_attempts():
-                node = next((n for n in cluster.worker_nodes if n.node_id in nodes), None)
-                if trial in checkpointed and status == "RUNNING" and node is not None:
-                    seen["preempted"] = {"trial": trial, "node": node.node_id}
-                    cluster.remove_node(node, allow_graceful=False)
-                    return
-        time.sleep(0.2)
+        for trial in (path.parent.name for path in storage.glob("*/train/*/checkpoint_manager_snapshot.json")):
+            if trial in workers:
+                node, pid = workers[trial]
+                os.kill(pid, signal.SIGSTOP)
+                seen["preempted"] = {"trial": trial, "node": node.node_id}
+                cluster.remove_node(node, allow_graceful=False)
+                os.kill(pid, signal.SIGKILL)
+                return
+        time.sleep(0.05)
 
 
 def main(tree_file: str, out_file: str) -> None:
@@ -70,7 +83,7 @@ def main(tree_file: str, out_file: str) -> None:
     remover.start()
     state = run_study(cfg)
     seen["study"] = state.study
-    seen["attempts"] = train_attempts()
+    seen["attempts"] = [(trial, status, [node for node, _ in placed]) for trial, status, placed in train_attempts()]
     Path(out_file).write_text(json.dumps(seen))
     ray.shutdown()  # the driver leaves before its cluster goes
     cluster.shutdown()

@@ -18,6 +18,9 @@ from mlflow import MlflowClient
 from .test_tune import needs_data, study_tree
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Ray Train's run states for ``tests.multinode`` to read, and its controller collecting reports every 0.2 s (not
+#: 2 s): a checkpoint is registered well before a fast machine has trained the few steps after it
+PROBED_TRAIN = {"RAY_TRAIN_ENABLE_STATE_TRACKING": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +55,7 @@ def test_a_study_spreads_over_nodes_and_survives_losing_one(tmp_path: Path) -> N
         [sys.executable, "-m", "tests.multinode", str(tmp_path / "tree.json"), str(tmp_path / "seen.json")],
         cwd=ROOT,
         # not the test session's Ray (its address is exported once a test started it)
-        env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TRAIN_ENABLE_STATE_TRACKING": "1"},
+        env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **PROBED_TRAIN},
         capture_output=True,
         text=True,
         timeout=900,
