@@ -139,54 +139,102 @@ def test_a_run_log_logs_each_step_once_at_its_step_and_constants_when_they_chang
     assert run.data.tags["outcome"] == "trained" and run.info.status == "FINISHED"
 
 
-def test_the_writer_runs_calls_in_order_off_the_callers_thread_and_flush_raises_their_errors() -> None:
-    """... and after each batch of calls it found queued, ``drained`` (one send per batch, not per call)."""
-    import threading
+def test_the_writer_runs_calls_in_order_in_another_process_and_flush_raises_their_errors(tmp_path: Path) -> None:
+    """... and after each batch of calls it found queued, ``send`` (one send per batch, not per call)."""
+    import os
     import time
 
     from fisher_scale import tracking
+    from tests.writes import Recorder
 
-    done: list = []
-    writer, threads = tracking.Writer(drained=lambda: done.append("sent")), set()
-
-    def call(number: int) -> None:
-        time.sleep(0.01)
-        done.append(number)
-        threads.add(threading.get_ident())
-
+    recorder = Recorder(tmp_path / "calls")
+    writer = tracking.Writer(recorder)
     started = time.perf_counter()
     for number in range(20):
-        writer.submit(call, number)
-    assert time.perf_counter() - started < 0.1  # the caller does not wait for the calls
+        writer.submit("record", number, 0.05)
+    assert time.perf_counter() - started < 0.5  # the caller waits neither for the calls nor for the process
     writer.flush()
-    assert [d for d in done if d != "sent"] == list(range(20)) and done[-1] == "sent"
-    assert done.count("sent") <= 3  # the calls queued while one ran were taken together
-    assert threading.get_ident() not in threads and len(threads) == 1
-    writer.submit(lambda: 1 / 0)
-    writer.submit(call, 20)
-    with pytest.raises(ZeroDivisionError):
+    lines = recorder.lines()
+    assert [int(what) for _, what, *_ in lines if what != "sent"] == list(range(20)) and lines[-1][1] == "sent"
+    assert sum(what == "sent" for _, what, *_ in lines) <= 3  # the calls queued while one ran were taken together
+    assert {pid for pid, *_ in lines} == {str(writer._process.pid)} != {str(os.getpid())}
+    niceness = os.getpriority(os.PRIO_PROCESS, writer._process.pid) - os.getpriority(os.PRIO_PROCESS, 0)
+    assert niceness == min(tracking.NICENESS, 19 - os.getpriority(os.PRIO_PROCESS, 0))  # the trials go first
+    writer.submit("fail")
+    writer.submit("record", 20)
+    with pytest.raises(ZeroDivisionError, match="planted"):
         writer.flush()
-    assert done[-2:] == [20, "sent"]  # a failed call does not stop the ones after it
-    writer.flush()
+    assert [what for _, what, *_ in recorder.lines()[-2:]] == ["20", "sent"]  # a failed call stops none after it
+    writer.flush()  # the error was raised once
+    writer.close()
+    assert not writer._process
 
 
-def test_the_writer_takes_its_queue_at_most_once_every_every_s() -> None:
+def test_the_writer_takes_its_queue_at_most_once_every_every_s_and_a_flush_at_once(tmp_path: Path) -> None:
     import itertools
     import time
 
     from fisher_scale import tracking
+    from tests.writes import Recorder
 
-    sent: list[float] = []
-    writer = tracking.Writer(drained=lambda: sent.append(time.monotonic()), every_s=0.2)
-    for count in range(1, 4):
-        writer.submit(lambda: None)
-        while len(sent) < count:
+    recorder = Recorder(tmp_path / "calls")
+    writer = tracking.Writer(recorder, every_s=0.5)
+    for number in range(3):
+        writer.submit("record", number)
+        while len(recorder.lines()) < 2 * (number + 1):
             time.sleep(0.01)
-    assert len(sent) == 3 and all(b - a >= 0.19 for a, b in itertools.pairwise(sent))
-    slow = tracking.Writer(every_s=30)
-    slow.submit(lambda: None)
+    sent = [float(line[2]) for line in recorder.lines() if line[1] == "sent"]
+    assert len(sent) == 3 and all(b - a >= 0.49 for a, b in itertools.pairwise(sent))
+    slow = tracking.Writer(Recorder(tmp_path / "slow"), every_s=30)
+    slow.submit("record", 0)
     slow.flush()
     began = time.monotonic()
-    slow.submit(lambda: None)
+    slow.submit("record", 1)
     slow.flush()  # what a flush waits for goes at once
     assert time.monotonic() - began < 5
+    writer.close()
+    slow.close()
+
+
+def test_the_writer_process_ignores_ctrl_c_ends_with_its_parent_and_its_death_is_an_error(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fisher_scale import tracking
+    from fisher_scale.errors import RunFailed
+    from tests.writes import Recorder
+
+    recorder = Recorder(tmp_path / "calls")
+    writer = tracking.Writer(recorder)
+    writer.submit("record", 0)
+    writer.flush()
+    os.kill(writer._process.pid, signal.SIGINT)  # Ctrl+C in a terminal reaches the whole process group
+    writer.submit("record", 1)
+    writer.flush()
+    assert [what for _, what, *_ in recorder.lines()] == ["0", "sent", "1", "sent"]
+    os.kill(writer._process.pid, signal.SIGKILL)
+    writer.submit("record", 2)
+    with pytest.raises(RunFailed, match=r"MLflow writer process ended \(exit code -9\)"):
+        writer.flush()
+    writer.submit("record", 3)  # in a new writer process
+    writer.flush()
+    assert [what for _, what, *_ in recorder.lines()[-2:]] == ["3", "sent"]
+    writer.close()
+    orphan = (
+        "import os, sys; from pathlib import Path; from fisher_scale import tracking\n"
+        "from tests.writes import Recorder\n"
+        "writer = tracking.Writer(Recorder(Path(sys.argv[1])))\n"
+        "writer.submit('record', 0); writer.flush(); print(writer._process.pid, flush=True); os._exit(0)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", orphan, str(tmp_path / "orphan")], capture_output=True, text=True, check=True
+    )
+    stat = Path(f"/proc/{int(done.stdout)}/stat")
+    running = lambda: stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] not in "ZX"  # noqa: E731
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and running():
+        time.sleep(0.1)
+    assert not running()  # the writer process did not outlive its parent

@@ -306,7 +306,7 @@ def test_a_resumed_run_reports_its_checkpoints_step_again_and_mlflow_keeps_one_p
     driver = MlflowTrials(uri, experiment, parent, "study-1", bases)
     for step, loss in [(2, 3.0), (2, 3.0), (4, 2.5)]:  # a worker restart within the run replays step 2
         driver.on_trial_result(0, [], trial, {"step": step, "train/loss": loss})
-    driver.flush()  # what the stopped driver had written (on its background thread)
+    driver.flush()  # what the stopped driver had written (in its writer process)
     restarted = MlflowTrials(uri, experiment, parent, "study-1", bases)  # the driver resumed the study
     for step, loss in [(4, 2.5), (6, 2.0)]:
         restarted.on_trial_result(0, [], trial, {"step": step, "train/loss": loss})

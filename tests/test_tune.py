@@ -18,7 +18,7 @@ import yaml
 
 from fisher_scale.config import ConfigError, build_config
 from fisher_scale.data import default_data_dir
-from fisher_scale.study.callbacks import split_study_key
+from fisher_scale.study.trials import split_study_key
 from fisher_scale.train.local import free_port
 from fisher_scale.tune.compare import Comparison, TrialRecord, comparison_table, equal_budget
 from fisher_scale.tune.space import check_study, optuna_distributions, study_spaces
@@ -253,7 +253,9 @@ def test_replicates_of_one_study_are_compared_seed_by_seed(tmp_path: Path) -> No
     for number, (key, value) in enumerate(finals.items()):
         trial = SimpleNamespace(trial_id=f"t{number}", config={STUDY_KEY: key, "lr": 1e-3})
         callback.on_trial_result(0, [], trial, {"step": 10, "m": value})
-    callback.flush()  # MLflow is written on a background thread
+    writer = callback._writer._process
+    callback.on_experiment_end([])  # everything written in the writer process, which then ends
+    assert writer.exitcode == 0 and callback._writer._process is None
     records = load_trials(client, experiment, "m")
     assert sorted((r.study, r.arm, r.params["seed"]) for r in records) == [
         ("study-1/seed0", "adamw-lora", "0"),

@@ -2,14 +2,13 @@
 scheduler's state saved with the experiment.
 
 Tune pickles its callbacks with the experiment state (``Tuner.restore`` brings them back), so the MLflow
-and table callbacks keep only plain settings and rebuild their MLflow client / console on first use.
+and table callbacks keep only plain settings and rebuild their MLflow writer / console on first use.
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,9 +17,8 @@ from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from fisher_scale import tracking
-from fisher_scale.config import ExperimentConfig, with_values
-from fisher_scale.train.launcher import track_report
-from fisher_scale.train.metrics import LOSS, STEP, UNCHANGING, report_outcome
+from fisher_scale.study.trials import STUDY_KEY, TrialRuns, stopped_at_step, trial_config, trial_values
+from fisher_scale.train.metrics import report_outcome
 
 #: keys Tune adds to every result, not training metrics
 _TUNE_KEYS = {*AUTO_RESULT_KEYS, "trial_id", "done", "config", "checkpoint_dir_name", "should_checkpoint"}
@@ -31,200 +29,65 @@ _TUNE_KEYS = {*AUTO_RESULT_KEYS, "trial_id", "done", "config", "checkpoint_dir_n
 #: 5.4-6.6 ms alone, 2.2-2.9 ms four to a request, 1.3-2.0 ms twenty to a request); the MLflow UI lags by as much
 WRITE_EVERY_S = 5.0
 
-#: the trial config key naming the trial's study (its label) when one Tune experiment runs several
-STUDY_KEY = "study"
-#: the trial config key carrying the number of the Optuna trial that sampled it (set by the search), and the
-#: MLflow tag that shows it
-OPTUNA_TRIAL_KEY, OPTUNA_TRIAL_TAG = "optuna_trial", "optuna_trial_number"
-
-
-#: how a study key names its replicate under ``tune.seeds``: ``<label>/seed<n>`` (labels hold no slash)
-_REPLICATE = "/seed"
-
-
-def replicate_key(label: str, seed: int) -> str:
-    """The key of study ``label``'s replicate with this seed."""
-    return f"{label}{_REPLICATE}{seed}"
-
-
-def split_study_key(key: str) -> tuple[str, str | None]:
-    """A study key's label (what ``compare`` groups by) and replicate (``seed<n>``, None without ``tune.seeds``)."""
-    label, mark, seed = key.rpartition(_REPLICATE)
-    return (label, f"seed{seed}") if mark else (key, None)
-
-
-def trial_values(config: dict[str, Any]) -> dict[str, Any]:
-    """A trial's dotted-key values: Optuna samples them as the trial config (beside its study's label); a
-    scaling grid passes each point as one dict under ``point`` (Tune's grid search over whole points)."""
-    return {k: v for k, v in config.get("point", config).items() if k not in (STUDY_KEY, OPTUNA_TRIAL_KEY)}
-
-
-def study_label(config: dict[str, Any], labels: Iterable[str]) -> str:
-    """The label of the study a trial belongs to: named in its config, or the experiment's only study."""
-    if STUDY_KEY in config:
-        return config[STUDY_KEY]
-    (only,) = labels
-    return only
-
-
-def optuna_study_name(study: str, key: str) -> str:
-    """The Optuna study of one study key (label and replicate) of a ``fisher-scale`` study."""
-    return f"{study}/{key}"
-
-
-def stopped_at_step(result: dict[str, Any] | None, max_steps: int) -> int | None:
-    """The step at which a trial that ended without an error stopped, when that is before ``max_steps``: only a
-    scheduler (ASHA) ends a trial early, a failure is an error and an interrupted trial does not end."""
-    step = (result or {}).get(STEP)
-    return int(step) if step is not None and step < max_steps else None
-
-
-def trial_config(bases: dict[str, dict[str, Any]], config: dict[str, Any], trial_id: str) -> ExperimentConfig:
-    """The resolved config of one trial: its study's base config with its sampled point."""
-    base = bases[study_label(config, bases)]
-    return with_values(ExperimentConfig.model_validate(base), trial_values(config), origin=f"trial {trial_id}")
-
 
 class MlflowTrials(Callback):
-    """One MLflow child run per trial under the study's parent run, tagged with the Ray trial id, so a
-    trial resumed after an interruption logs into the run it started (no duplicates), and with its
-    ``outcome`` (``train.metrics.report_outcome`` of its latest report); a trial its scheduler stopped early is tagged
-    ``stopped_by`` and ``stopped_at_step``, and a searched one names its Optuna study and trial (``optuna_study``,
-    ``optuna_trial_number``; the Optuna trial carries the Ray trial id as a user attribute). MLflow is written on
-    one background thread (``tracking.Writer``), each trial's queued reports in one request: Tune's event loop waits
-    for every callback, and with tens of trials synchronous writes stall it; the experiment's end waits for them."""
+    """The trials' MLflow child runs (``study.trials.TrialRuns``), written in the MLflow writer process
+    (``tracking.Writer``): Tune's event loop waits for every callback, and with tens of trials reporting, MLflow's
+    store work on the driver (even on a thread of it) slows the loop down. Each callback copies what the writes read
+    of the trial (Tune goes on changing it) and returns; the experiment's end waits for the writes."""
 
-    def __init__(
-        self,
-        uri: str,
-        experiment_id: str,
-        parent_run_id: str,
-        study: str,
-        bases: dict[str, dict],
-        kind: str = tracking.RUN_KINDS["tune"].child,
-        scheduler: str | None = None,
-        write_every_s: float = WRITE_EVERY_S,
-    ) -> None:
-        self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
-        self.study, self.bases, self.kind, self.scheduler = study, bases, kind, scheduler
+    def __init__(self, *runs: Any, write_every_s: float = WRITE_EVERY_S, **settings: Any) -> None:
+        """``runs`` and ``settings``: the arguments of :class:`study.trials.TrialRuns`."""
+        self.runs = TrialRuns(*runs, **settings)
         self.write_every_s = write_every_s
-        self._client: Any = None
-        self._runs: dict[str, tracking.RunLog] = {}
         self._writer: tracking.Writer | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None, "_runs": {}, "_writer": None}
+        return {**self.__dict__, "_writer": None}
 
-    def _submit(self, call: Any, trial: Any, *args: Any) -> None:
-        """Run ``call`` on the writer's thread with a copy of what it reads of the trial (Tune goes on changing it)."""
+    def _submit(self, method: str, trial: Any, *args: Any) -> None:
         if self._writer is None:
-            self._writer = tracking.Writer(drained=self._send, every_s=self.write_every_s)
+            self._writer = tracking.Writer(self.runs, every_s=self.write_every_s)
         seen = SimpleNamespace(
             trial_id=trial.trial_id,
             config=dict(trial.config),
             last_result=dict(getattr(trial, "last_result", None) or {}),
             error_file=getattr(trial, "error_file", None),
         )
-        self._writer.submit(call, seen, *args)
-
-    def _send(self) -> None:
-        for log in self._runs.values():
-            log.send()
+        self._writer.submit(method, seen, *args)
 
     def flush(self) -> None:
         """Wait until everything submitted so far is in MLflow (the study ends with this)."""
         if self._writer is not None:
             self._writer.flush()
 
-    @property
-    def client(self) -> Any:
-        if self._client is None:
-            self._client = tracking.client(self.uri)
-        return self._client
-
     def run_id(self, trial: Any) -> str:
+        """The id of a started trial's run, once everything submitted so far is written."""
         self.flush()
-        return self._log(trial).run_id
-
-    def _log(self, trial: Any) -> tracking.RunLog:
-        """The trial's child run: found by its tag (a resumed trial) or created with params and config."""
-        if trial.trial_id in self._runs:
-            return self._runs[trial.trial_id]
-        settings: dict[str, Any] = {"step": STEP, "unchanging": UNCHANGING}
-        run_id = tracking.find_run(
-            self.client, self.experiment_id, **{tracking.TRIAL_TAG: trial.trial_id, tracking.STUDY_TAG: self.study}
-        )
+        run_id = self.runs.find(trial.trial_id)
         if run_id is None:
-            key = study_label(trial.config, self.bases)
-            label, replicate = split_study_key(key)
-            cfg = trial_config(self.bases, trial.config, trial.trial_id)
-            tags = {
-                tracking.PARENT_TAG: self.parent_run_id,
-                tracking.TRIAL_TAG: trial.trial_id,
-                tracking.STUDY_TAG: self.study,
-                tracking.KIND_TAG: self.kind,
-                "optimizer": cfg.optimizer.name,
-                "study_label": label,
-                tracking.SEARCHED_TAG: ",".join(sorted(trial_values(trial.config))),
-            }
-            if replicate is not None:
-                tags[tracking.REPLICATE_TAG] = replicate
-            if self.kind == tracking.RUN_KINDS["tune"].child:
-                tags["optuna_study"] = optuna_study_name(self.study, key)
-            if OPTUNA_TRIAL_KEY in trial.config:
-                tags[OPTUNA_TRIAL_TAG] = str(trial.config[OPTUNA_TRIAL_KEY])
-            name = f"{key}-{trial.trial_id}"
-            log = tracking.RunLog(
-                self.client, tracking.create_run(self.client, self.experiment_id, name, tags, cfg), **settings
-            )
-        else:
-            log = tracking.RunLog.reopened(self.client, run_id, progress=LOSS, **settings)
-        self._runs[trial.trial_id] = log
-        return log
+            raise KeyError(f"trial {trial.trial_id} has no MLflow run in study {self.runs.study}")
+        return run_id
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._submit(self._log, trial)
+        self._submit("start", trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self._submit(self._result, trial, dict(result))
+        self._submit("result", trial, {k: v for k, v in result.items() if k not in _TUNE_KEYS})
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
-        self._submit(self._checkpoint, trial, checkpoint.path)  # a trial training in its actor saves to Tune
+        self._submit("checkpoint", trial, checkpoint.path)  # a trial training in its actor saves to Tune
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._submit(self._complete, trial)
+        self._submit("complete", trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._submit(self._error, trial)
+        self._submit("error", trial)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.flush()
-
-    def _result(self, trial: Any, result: dict[str, Any]) -> None:
-        log = self._log(trial)
-        if not track_report(log, {k: v for k, v in result.items() if k not in _TUNE_KEYS}):
-            return
-        if result.get("checkpoint_path"):  # a Ray Train run's checkpoint, relayed with its report
-            self._checkpoint(trial, result["checkpoint_path"])
-
-    def _checkpoint(self, trial: Any, path: str) -> None:
-        self._log(trial).tag("checkpoint", path)
-
-    def _complete(self, trial: Any) -> None:
-        log = self._log(trial)
-        log.tag("outcome", report_outcome(trial.last_result or {}) or "trained")
-        steps = trial_config(self.bases, trial.config, trial.trial_id).train.steps
-        stopped = stopped_at_step(trial.last_result, steps)
-        if stopped is not None:
-            log.tag(tracking.STOPPED_BY_TAG, self.scheduler or "scheduler")
-            log.tag(tracking.STOPPED_AT_TAG, str(stopped))
-        log.end("FINISHED")
-
-    def _error(self, trial: Any) -> None:
-        log = self._log(trial)
-        if trial.error_file:
-            log.tag("error_file", trial.error_file)
-        log.end("FAILED")
+        """Everything written, then the writer process ends (a driver running study after study keeps none)."""
+        if self._writer is not None:
+            self._writer.close()
 
 
 class SchedulerState(Callback):

@@ -26,6 +26,7 @@ from typing import Any
 from fisher_scale import tracking
 from fisher_scale.config import ConfigError, ExperimentConfig, flatten, with_values
 from fisher_scale.errors import Interrupted, RunFailed
+from fisher_scale.study.trials import trial_config
 from fisher_scale.train.launcher import (
     check_inputs,
     check_local_resources,
@@ -157,8 +158,6 @@ def run_trial(values: dict[str, Any], bases: dict[str, dict[str, Any]] | None = 
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from fisher_scale.study.callbacks import trial_config
-
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(bases or {}, values, trial_id)
     output = Path(tune.get_context().get_trial_dir()) / "output" if "://" in root else Path(root) / "outputs" / trial_id
@@ -179,8 +178,6 @@ def trial_resources(bases: dict[str, dict[str, Any]]) -> Callable[[dict[str, Any
 
     def resources(values: dict[str, Any]) -> Any:
         from ray import tune
-
-        from fisher_scale.study.callbacks import trial_config
 
         cfg = trial_config(bases, values, "resources")
         if not cfg.tune.train_in_trial:

@@ -13,7 +13,7 @@ from typing import Any
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from fisher_scale.study.callbacks import STUDY_KEY
+from fisher_scale.study.trials import STUDY_KEY
 
 
 class StudiesSearch(Searcher):

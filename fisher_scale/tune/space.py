@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 from fisher_scale.config import ConfigError, Dimension, ExperimentConfig, OptimizerConfig, searchable_keys, with_values
-from fisher_scale.study.callbacks import replicate_key
+from fisher_scale.study.trials import replicate_key
 
 
 def study_spaces(cfg: ExperimentConfig) -> dict[str, tuple[ExperimentConfig, dict[str, Dimension]]]:

@@ -20,14 +20,6 @@ from ray.tune.search.optuna import OptunaSearch
 from fisher_scale import tracking
 from fisher_scale.config import ConfigError, ExperimentConfig, TuneConfig
 from fisher_scale.plan.check import check_memory
-from fisher_scale.study.callbacks import (
-    OPTUNA_TRIAL_KEY,
-    STUDY_KEY,
-    optuna_study_name,
-    split_study_key,
-    stopped_at_step,
-    trial_values,
-)
 from fisher_scale.study.experiment import (
     StudyState,
     finish_study,
@@ -36,6 +28,14 @@ from fisher_scale.study.experiment import (
     open_study,
     start_cluster,
     storage_filesystem,
+)
+from fisher_scale.study.trials import (
+    OPTUNA_TRIAL_KEY,
+    STUDY_KEY,
+    optuna_study_name,
+    split_study_key,
+    stopped_at_step,
+    trial_values,
 )
 from fisher_scale.train.metrics import STEP
 from fisher_scale.tune.concurrent import StudiesScheduler, StudiesSearch
