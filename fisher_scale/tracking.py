@@ -338,11 +338,10 @@ class RunLog:
 
 
 class Writer:
-    """Calls of ``target``'s methods, run in order in one child process, so that the caller (a Tune callback:
-    Tune's event loop waits for each) returns at once and the writes' CPU work holds neither the caller's GIL nor
-    its event loop (on a thread of the driver it did: trials reporting back to back ran 22-41 % slower tracked, in
-    a process 17 %, in a process at a lower priority 10 %: ``bench/tracking_overhead.py``). ``target`` is pickled to
-    the child, which runs every call queued so far at most once every ``every_s`` seconds (at once when
+    """Calls of ``target``'s methods, run in order in one child process at a lower priority, so that the caller (a
+    Tune callback: Tune's event loop waits for each) returns at once and the writes' CPU work holds neither the
+    caller's GIL nor its event loop (what a thread of the driver cost: the README's Benchmarks). ``target`` is
+    pickled to the child, which runs every call queued so far at most once every ``every_s`` seconds (at once when
     :meth:`flush` waits for them), then ``target.send()``: a request per run and batch, however many reports it
     holds (:meth:`RunLog.send`). :meth:`flush` waits for every call submitted so far and raises what failed; the
     child ignores Ctrl+C (the driver flushes on it), ends when its parent does, and what is still queued when the
@@ -365,7 +364,7 @@ class Writer:
                 daemon=True,
             )
             self._process.start()
-            atexit.register(self.close)
+            atexit.register(self.close)  # after multiprocessing's exit handler, so it runs first: the child is alive
         self._calls.put((method, args))
 
     def flush(self) -> None:
@@ -386,15 +385,16 @@ class Writer:
             raise errors[0] if len(errors) == 1 else RunFailed("; ".join(f"{type(e).__name__}: {e}" for e in errors))
 
     def close(self) -> None:
-        """Flush, then end the child (registered with ``atexit`` when the child starts)."""
+        """Flush, then end the child (a later :meth:`submit` starts another; also run at exit)."""
         if self._process is None:
             return
         try:
             self.flush()
         finally:
-            self._calls.put(_CLOSE)
-            self._process.join()
-            self._process = None
+            if self._process is not None:  # a flush that found the child dead has let it go
+                self._calls.put(_CLOSE)
+                self._process.join()
+                self._process = None
 
 
 #: the writer process's scheduling niceness: the trials and Tune's loop go first, the writes take the CPU they leave

@@ -33,8 +33,9 @@ WRITE_EVERY_S = 5.0
 class MlflowTrials(Callback):
     """The trials' MLflow child runs (``study.trials.TrialRuns``), written in the MLflow writer process
     (``tracking.Writer``): Tune's event loop waits for every callback, and with tens of trials reporting, MLflow's
-    store work on the driver (even on a thread of it) slows the loop down. Each callback copies what the writes read
-    of the trial (Tune goes on changing it) and returns; the experiment's end waits for the writes."""
+    store work on the driver (even on a thread of it) slows the loop down. Each callback copies what its write reads of
+    the trial (Tune goes on changing it: its id and config, and the last result only when it completes) and
+    returns; the experiment's end waits for the writes."""
 
     def __init__(self, *runs: Any, write_every_s: float = WRITE_EVERY_S, **settings: Any) -> None:
         """``runs`` and ``settings``: the arguments of :class:`study.trials.TrialRuns`."""
@@ -48,13 +49,7 @@ class MlflowTrials(Callback):
     def _submit(self, method: str, trial: Any, *args: Any) -> None:
         if self._writer is None:
             self._writer = tracking.Writer(self.runs, every_s=self.write_every_s)
-        seen = SimpleNamespace(
-            trial_id=trial.trial_id,
-            config=dict(trial.config),
-            last_result=dict(getattr(trial, "last_result", None) or {}),
-            error_file=getattr(trial, "error_file", None),
-        )
-        self._writer.submit(method, seen, *args)
+        self._writer.submit(method, SimpleNamespace(trial_id=trial.trial_id, config=dict(trial.config)), *args)
 
     def flush(self) -> None:
         """Wait until everything submitted so far is in MLflow (the study ends with this)."""
@@ -79,10 +74,10 @@ class MlflowTrials(Callback):
         self._submit("checkpoint", trial, checkpoint.path)  # a trial training in its actor saves to Tune
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._submit("complete", trial)
+        self._submit("complete", trial, dict(trial.last_result or {}))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._submit("error", trial)
+        self._submit("error", trial, getattr(trial, "error_file", None))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         """Everything written, then the writer process ends (a driver running study after study keeps none)."""

@@ -75,8 +75,8 @@ class TrialRuns:
     ``outcome`` (``train.metrics.report_outcome`` of its latest report); a trial its scheduler stopped early is tagged
     ``stopped_by`` and ``stopped_at_step``, and a searched one names its Optuna study and trial (``optuna_study``,
     ``optuna_trial_number``; the Optuna trial carries the Ray trial id as a user attribute). Reports wait in each
-    run's log until :meth:`send`. A trial here is what the callback copied of Tune's (``trial_id``, ``config``,
-    ``last_result``, ``error_file``). It pickles as its settings: its client is made on first use."""
+    run's log until :meth:`send`. A trial here is what the callback copied of Tune's (``trial_id``, ``config``).
+    It pickles as its settings: its client is made on first use."""
 
     def __init__(
         self,
@@ -150,20 +150,20 @@ class TrialRuns:
     def checkpoint(self, trial: Any, path: str) -> None:
         self.start(trial).tag("checkpoint", path)
 
-    def complete(self, trial: Any) -> None:
+    def complete(self, trial: Any, last_result: dict[str, Any]) -> None:
         log = self.start(trial)
-        log.tag("outcome", report_outcome(trial.last_result or {}) or "trained")
+        log.tag("outcome", report_outcome(last_result) or "trained")
         steps = trial_config(self.bases, trial.config, trial.trial_id).train.steps
-        stopped = stopped_at_step(trial.last_result, steps)
+        stopped = stopped_at_step(last_result, steps)
         if stopped is not None:
             log.tag(tracking.STOPPED_BY_TAG, self.scheduler or "scheduler")
             log.tag(tracking.STOPPED_AT_TAG, str(stopped))
         log.end("FINISHED")
 
-    def error(self, trial: Any) -> None:
+    def error(self, trial: Any, error_file: str | None) -> None:
         log = self.start(trial)
-        if trial.error_file:
-            log.tag("error_file", trial.error_file)
+        if error_file:
+            log.tag("error_file", error_file)
         log.end("FAILED")
 
     def send(self) -> None:
